@@ -1,0 +1,134 @@
+"""HCS plate helpers: images grouped by well, and each image's reference image."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ngio import OmeZarrWell, open_ome_zarr_well
+
+from fractal_tasks._errors import RegistrationInputError
+
+logger = logging.getLogger(__name__)
+
+
+def split_image_url(zarr_url: str) -> tuple[str, str]:
+    """Split ``<plate>/<row>/<column>/<image>`` into the well URL and the image path.
+
+    Raises:
+        RegistrationInputError: If the URL has too few parts to be an image of
+            an HCS plate.
+    """
+    parts = zarr_url.rstrip("/").split("/")
+    if len(parts) < 4 or not all(parts[-3:]):
+        raise RegistrationInputError(
+            f"{zarr_url!r} is not an image inside an HCS well: expected "
+            "'<plate>.zarr/<row>/<column>/<image>'. Pass the URL of an image of "
+            "an OME-Zarr HCS plate."
+        )
+    return "/".join(parts[:-1]), parts[-1]
+
+
+def open_well(well_url: str) -> OmeZarrWell:
+    """Open the well of an HCS plate, with errors that say what is wrong.
+
+    Raises:
+        RegistrationInputError: If the folder does not exist or holds no valid
+            well metadata.
+    """
+    if "://" not in well_url and not Path(well_url).is_dir():
+        raise RegistrationInputError(
+            f"Well {well_url!r} does not exist. Check the zarr_url: it must point "
+            "to an image inside an existing OME-Zarr HCS plate."
+        )
+    try:
+        well = open_ome_zarr_well(well_url)
+        well.paths()
+    except Exception as error:
+        raise RegistrationInputError(
+            f"{well_url!r} has no valid OME-Zarr well metadata ({error}). The "
+            "images must live in an HCS plate (plate/row/column/image); repair or "
+            "re-create the well's .zattrs/zarr.json, e.g. by re-running the "
+            "converter."
+        ) from error
+    return well
+
+
+def group_by_well(zarr_urls: list[str]) -> dict[str, list[str]]:
+    """Group image URLs by their well URL, keeping the input order."""
+    wells: dict[str, list[str]] = {}
+    for url in zarr_urls:
+        well_url, _ = split_image_url(url)
+        wells.setdefault(well_url, []).append(url.rstrip("/"))
+    return wells
+
+
+def acquisition_of(well: OmeZarrWell, well_url: str, image_path: str) -> int:
+    """Acquisition id of one image of a well, from the well metadata.
+
+    Raises:
+        RegistrationInputError: If the image is not listed in the well metadata.
+    """
+    if image_path not in well.paths():
+        raise RegistrationInputError(
+            f"Image {image_path!r} is not listed in the metadata of well "
+            f"{well_url!r} (it lists {well.paths()}). Only images of the well's "
+            "metadata can be registered."
+        )
+    acquisition = well.get_image_acquisition_id(image_path)
+    if acquisition is None:
+        raise RegistrationInputError(
+            f"Image {image_path!r} of well {well_url!r} has no acquisition id in "
+            "the well metadata; registration pairs images by acquisition."
+        )
+    return acquisition
+
+
+def _suffix(image_path: str) -> str:
+    """What follows the first underscore of an image path (``0_illum`` -> ``illum``)."""
+    return image_path.split("_", 1)[1] if "_" in image_path else ""
+
+
+def reference_path(
+    well: OmeZarrWell, well_url: str, image_path: str, reference_acquisition: int
+) -> str:
+    """Path of the reference acquisition's image that ``image_path`` pairs with.
+
+    When the well holds several images of the reference acquisition (for example
+    ``0`` and ``0_illum_corr``), the one with the same suffix as ``image_path``
+    is chosen, else the one without suffix; the choice is logged.
+
+    Raises:
+        RegistrationInputError: If the well has no image of the reference
+            acquisition, or several candidates and none matches.
+    """
+    candidates = well.paths(acquisition=reference_acquisition)
+    if not candidates:
+        raise RegistrationInputError(
+            f"Well {well_url!r} has no image of reference_acquisition="
+            f"{reference_acquisition} (its acquisitions are "
+            f"{sorted(well.acquisition_ids)}). Set reference_acquisition to one of "
+            "them, or add the missing cycle to the well."
+        )
+    if len(candidates) == 1:
+        return candidates[0]
+    if image_path in candidates:
+        return image_path
+    by_suffix = {_suffix(path): path for path in candidates}
+    chosen = by_suffix.get(_suffix(image_path), by_suffix.get(""))
+    if chosen is None:
+        raise RegistrationInputError(
+            f"Well {well_url!r} has several images of reference_acquisition="
+            f"{reference_acquisition} ({candidates}) and none matches image "
+            f"{image_path!r} by suffix. Rename the images so that each has a "
+            "reference of the same suffix, or keep one reference image."
+        )
+    logger.info(
+        "Well %s has %d reference images %s; image %r pairs with %r (same suffix).",
+        well_url,
+        len(candidates),
+        candidates,
+        image_path,
+        chosen,
+    )
+    return chosen

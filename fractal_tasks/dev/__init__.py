@@ -1,0 +1,1 @@
+"""Development files: the task list from which the manifest is generated."""
