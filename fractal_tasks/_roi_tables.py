@@ -1,0 +1,144 @@
+"""ROI tables: reading them safely, translations on their rows, image geometry.
+
+The column names are those of fractal-tasks-core, so tables move between the
+two packages: ``translation_z``, ``translation_y``, ``translation_x`` in
+micrometres, the shift that moves the acquisition onto the reference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from ngio import OmeZarrContainer, Roi
+from ngio.tables import RoiTable
+
+from fractal_tasks._errors import RegistrationInputError
+from fractal_tasks._geometry import SPATIAL_AXES
+
+TRANSLATION_COLUMNS = {axis: f"translation_{axis}" for axis in SPATIAL_AXES}
+
+
+def load_rois(container: OmeZarrContainer, table: str, zarr_url: str) -> list[Roi]:
+    """All ROIs of a ROI (or masking ROI) table, validated.
+
+    Raises:
+        RegistrationInputError: If the table is missing, is not a ROI table,
+            cannot be read, or has unnamed or duplicate ROI names.
+    """
+    available = container.list_tables()
+    if table not in available:
+        raise RegistrationInputError(
+            f"ROI table {table!r} not found in {zarr_url!r} (tables: {available}). "
+            "Choose an existing table, or run the task that writes it first."
+        )
+    try:
+        rois = container.get_generic_roi_table(table).rois()
+    except Exception as error:
+        raise RegistrationInputError(
+            f"Cannot read ROI table {table!r} of {zarr_url!r}: {error}. It must be "
+            "a ROI table in a backend ngio can read (anndata, parquet, csv, json)."
+        ) from error
+    names = [roi.name for roi in rois]
+    if any(not name for name in names):
+        raise RegistrationInputError(
+            f"ROI table {table!r} of {zarr_url!r} has ROIs without a name; ROIs "
+            "are paired across acquisitions by name."
+        )
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise RegistrationInputError(
+            f"ROI table {table!r} of {zarr_url!r} has duplicate ROI names "
+            f"{duplicates}; ROIs are paired across acquisitions by name, so each "
+            "name must be unique."
+        )
+    return rois
+
+
+def by_name(rois: list[Roi]) -> dict[str, Roi]:
+    """ROIs keyed by name (names validated by ``load_rois``)."""
+    return {str(roi.name): roi for roi in rois}
+
+
+def require_same_names(
+    names: Mapping[str, set[str]], table: str, reference_url: str
+) -> None:
+    """Check every image's table holds the same ROI names as the reference's.
+
+    Raises:
+        RegistrationInputError: Naming the image and the names that differ.
+    """
+    expected = names[reference_url]
+    for url, found in names.items():
+        if found != expected:
+            raise RegistrationInputError(
+                f"ROI table {table!r} of {url!r} does not hold the same ROI names "
+                f"as the reference {reference_url!r}: missing "
+                f"{sorted(expected - found)}, extra {sorted(found - expected)}. ROIs "
+                "are paired by name; make the tables match (same FOV names)."
+            )
+
+
+def slices_um(roi: Roi) -> dict[str, tuple[float, float]]:
+    """``axis -> (start, length)`` in micrometres of a ROI's spatial slices."""
+    out = {}
+    for axis in SPATIAL_AXES:
+        try:
+            piece = roi[axis]
+        except (KeyError, ValueError):
+            continue
+        if piece is None or piece.start is None or piece.length is None:
+            continue
+        out[axis] = (float(piece.start), float(piece.length))
+    return out
+
+
+def translation_um(roi: Roi) -> dict[str, float] | None:
+    """The stored translation of a ROI, or None when it has none.
+
+    Raises:
+        RegistrationInputError: If only some columns are present, or a value is
+            NaN (the table was written by an interrupted or failed run).
+    """
+    extra = roi.model_extra or {}
+    present = {a: extra.get(c) for a, c in TRANSLATION_COLUMNS.items() if c in extra}
+    if not present or all(_missing(v) for v in present.values()):
+        return None
+    bad = [TRANSLATION_COLUMNS[a] for a in SPATIAL_AXES if _missing(present.get(a))]
+    if bad:
+        raise RegistrationInputError(
+            f"ROI {roi.name!r} has missing or NaN {bad}. Re-run 'Calculate "
+            "Registration (image-based)' on this acquisition."
+        )
+    return {a: float(v) for a, v in present.items()}
+
+
+def _missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def with_columns(roi: Roi, columns: Mapping[str, object]) -> Roi:
+    """The ROI with extra columns set (existing extras are kept)."""
+    return roi.model_copy(update=dict(columns))
+
+
+def save_rois(
+    container: OmeZarrContainer, table: str, rois: list[Roi], backend: str | None
+) -> None:
+    """Write ``rois`` as ROI table ``table``, replacing it, in ``backend``."""
+    container.add_table(
+        table, RoiTable(rois=rois), backend=backend or "anndata", overwrite=True
+    )
+
+
+def table_backend(container: OmeZarrContainer, table: str) -> str | None:
+    """Backend name of an existing table (None when ngio does not know it)."""
+    return container.get_table(table).backend_name
+
+
+def spatial_geometry(image) -> tuple[dict[str, float], dict[str, int]]:
+    """``(pixel size in µm, size in pixels)`` per spatial axis of an ngio image."""
+    sizes = {"z": image.pixel_size.z, "y": image.pixel_size.y, "x": image.pixel_size.x}
+    shape = dict(zip(image.axes, image.shape))
+    axes = [a for a in SPATIAL_AXES if a in shape]
+    return {a: float(sizes[a]) for a in axes}, {a: int(shape[a]) for a in axes}
