@@ -1,0 +1,366 @@
+"""Write the registered image of one acquisition, then put it in place safely.
+
+Everything is checked before anything is written. The new image is built in a
+scratch directory next to the input (``<image>.registering``); only when it is
+complete does it replace its destination, atomically (``_replace``). A run that
+is killed leaves the user's image untouched and a scratch directory that the
+next run deletes.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import zarr
+from ngio import OmeZarrContainer, open_ome_zarr_container
+
+from fractal_tasks import __version__
+from fractal_tasks._errors import RegistrationInputError
+from fractal_tasks._geometry import SPATIAL_AXES, window_pair
+from fractal_tasks._hcs import (
+    acquisition_of,
+    open_well,
+    reference_path,
+    split_image_url,
+)
+from fractal_tasks._replace import recover, replace_directory
+from fractal_tasks._roi_tables import (
+    by_name,
+    load_rois,
+    require_same_names,
+    slices_um,
+    spatial_geometry,
+)
+from fractal_tasks._writer import Aggregation, WindowPair, write_windows
+
+logger = logging.getLogger(__name__)
+
+PROVENANCE_KEY = "fractal_tasks_registration"
+SCRATCH_SUFFIX = ".registering"
+REGISTERED_SUFFIX = "_registered"
+
+
+@dataclass(frozen=True)
+class ApplyPlan:
+    """What one apply run reads and writes; built and checked before writing."""
+
+    zarr_url: str
+    reference_url: str
+    well_url: str
+    image_path: str
+    destination: Path
+    registered_roi_table: str
+    acquisition: OmeZarrContainer
+    reference: OmeZarrContainer
+    image_pairs: list[WindowPair]
+    label_pairs: dict[str, list[WindowPair]]
+    tables: dict[str, object]  # name -> table read into memory, ready to copy
+    overwrite_input: bool
+
+    @property
+    def scratch(self) -> Path:
+        """Where the new image is built before it is put in place."""
+        return self.destination.with_name(self.destination.name + SCRATCH_SUFFIX)
+
+    @property
+    def output_url(self) -> str:
+        """URL of the registered image once in place."""
+        return str(self.destination)
+
+
+def _pairs(
+    source_rois: dict, target_rois: dict, geometry, what: str
+) -> list[WindowPair]:
+    """Window pairs (acquisition -> reference) of every ROI, in one array's pixels."""
+    pixel_um, shape = geometry
+    pairs = []
+    for name, target_roi in target_rois.items():
+        try:
+            source, target = window_pair(
+                slices_um(source_rois[name]), slices_um(target_roi), pixel_um, shape
+            )
+        except ValueError as error:
+            raise RegistrationInputError(
+                f"Registered ROI {name!r} does not fit {what}: {error}. Re-run "
+                "'Find Registration Consensus' on this well."
+            ) from error
+        pairs.append(WindowPair(source, target))
+    return pairs
+
+
+def _read_tables(plan_acq, plan_ref, acq_url, ref_url) -> dict[str, object]:
+    """ROI tables from the reference, every other table from the acquisition."""
+    tables: dict[str, object] = {}
+    sources = [(name, plan_ref, ref_url) for name in _roi_tables(plan_ref, ref_url)]
+    roi_names = {name for name, _, _ in sources}
+    sources += [
+        (name, plan_acq, acq_url)
+        for name in plan_acq.list_tables()
+        if name not in roi_names and name not in _roi_tables(plan_acq, acq_url)
+    ]
+    for name, container, url in sources:
+        try:
+            table = container.get_table(name)
+            _ = table.dataframe  # read now: the source may be replaced later
+        except Exception as error:
+            raise RegistrationInputError(
+                f"Cannot read table {name!r} of {url!r}: {error}. Its backend must "
+                "be one ngio reads (anndata, parquet, csv, json); convert or remove "
+                "the table."
+            ) from error
+        tables[name] = table
+        if container is plan_acq and acq_url != ref_url:
+            logger.warning(
+                "Table %s is copied from %s without transformation: fine for "
+                "measurements, but ROIs in it do not follow the registration.",
+                name,
+                acq_url,
+            )
+    return tables
+
+
+def _roi_tables(container: OmeZarrContainer, url: str) -> list[str]:
+    try:
+        return container.list_tables(filter_types="roi_table")
+    except Exception as error:
+        raise RegistrationInputError(
+            f"Cannot list the tables of {url!r}: {error}. Repair its tables group."
+        ) from error
+
+
+def plan_apply(
+    zarr_url: str,
+    *,
+    registered_roi_table: str,
+    reference_acquisition: int,
+    register_labels: bool,
+    overwrite_input: bool,
+) -> ApplyPlan:
+    """Check the inputs of one apply run and read what it needs.
+
+    Raises:
+        RegistrationInputError: For any input that cannot be registered, with
+            the fix; nothing has been written then.
+    """
+    zarr_url = zarr_url.rstrip("/")
+    well_url, image_path = split_image_url(zarr_url)
+    if image_path.endswith(SCRATCH_SUFFIX):
+        raise RegistrationInputError(f"{zarr_url!r} is a scratch directory.")
+    well = open_well(well_url)
+    acquisition_of(well, well_url, image_path)
+    reference = reference_path(well, well_url, image_path, reference_acquisition)
+    reference_url = f"{well_url}/{reference}"
+    destination = Path(
+        zarr_url if overwrite_input else f"{zarr_url}{REGISTERED_SUFFIX}"
+    )
+    recover(destination)
+    acquisition = _open(zarr_url)
+    reference = _open(reference_url)
+    for container, url in ((acquisition, zarr_url), (reference, reference_url)):
+        if registered_roi_table not in container.list_tables():
+            raise RegistrationInputError(
+                f"Registered ROI table {registered_roi_table!r} not found in {url!r}."
+                " Run 'Calculate Registration (image-based)' and 'Find Registration "
+                "Consensus' before 'Apply Registration to Image', and check the "
+                "table name."
+            )
+    acq_rois = by_name(load_rois(acquisition, registered_roi_table, zarr_url))
+    ref_rois = by_name(load_rois(reference, registered_roi_table, reference_url))
+    require_same_names(
+        {reference_url: set(ref_rois), zarr_url: set(acq_rois)},
+        registered_roi_table,
+        reference_url,
+    )
+    geometry = spatial_geometry(acquisition.get_image())
+    ref_geometry = spatial_geometry(reference.get_image())
+    if geometry != ref_geometry:
+        raise RegistrationInputError(
+            f"{zarr_url!r} (pixel µm, shape {geometry}) and its reference "
+            f"{reference_url!r} ({ref_geometry}) differ in pixel size or shape. "
+            "Registration only shifts images of the same grid; resample or crop "
+            "the acquisitions to the reference first."
+        )
+    image_pairs = _pairs(acq_rois, ref_rois, geometry, f"image {zarr_url!r}")
+    label_pairs = {}
+    if register_labels:
+        for name in acquisition.list_labels():
+            label = acquisition.get_label(name)
+            label_geometry = spatial_geometry(label)
+            _require_same_extent(label_geometry, geometry, name, zarr_url)
+            label_pairs[name] = _pairs(
+                acq_rois, ref_rois, label_geometry, f"label {name!r} of {zarr_url!r}"
+            )
+    if not overwrite_input and destination.exists():
+        _require_ours(destination)
+    tables = _read_tables(acquisition, reference, zarr_url, reference_url)
+    return ApplyPlan(
+        zarr_url=zarr_url,
+        reference_url=reference_url,
+        well_url=well_url,
+        image_path=image_path,
+        destination=destination,
+        registered_roi_table=registered_roi_table,
+        acquisition=acquisition,
+        reference=reference,
+        image_pairs=image_pairs,
+        label_pairs=label_pairs,
+        tables=tables,
+        overwrite_input=overwrite_input,
+    )
+
+
+def _open(url: str) -> OmeZarrContainer:
+    try:
+        return open_ome_zarr_container(url)
+    except Exception as error:
+        raise RegistrationInputError(
+            f"Cannot open OME-Zarr image {url!r}: {error}. Check that it exists "
+            "and is a valid OME-Zarr image."
+        ) from error
+
+
+def _require_same_extent(label_geometry, image_geometry, name: str, url: str) -> None:
+    """A label must cover the same physical extent as its image."""
+    label_um = {a: n * label_geometry[0][a] for a, n in label_geometry[1].items()}
+    image_um = {a: n * image_geometry[0][a] for a, n in image_geometry[1].items()}
+    if set(label_um) != set(image_um) or any(
+        abs(label_um[a] - image_um[a]) > label_geometry[0][a] for a in label_um
+    ):
+        raise RegistrationInputError(
+            f"Label {name!r} of {url!r} covers {label_um} µm but its image covers "
+            f"{image_um} µm; a label must match its image's shape. Re-create the "
+            "label, or set register_labels=False."
+        )
+
+
+def _require_ours(destination: Path) -> None:
+    """Refuse to replace an existing image that this package did not write."""
+    try:
+        attrs = zarr.open_group(str(destination), mode="r").attrs.asdict()
+    except Exception:
+        attrs = {}
+    if PROVENANCE_KEY not in attrs:
+        raise RegistrationInputError(
+            f"{str(destination)!r} exists and was not written by this task, so it "
+            "is left untouched. Move or delete it, or run with "
+            "overwrite_input=True."
+        )
+
+
+def _levels(container: OmeZarrContainer, getter) -> tuple[list, list]:
+    """Arrays of every level, and the integer factor per axis between levels."""
+    images = [getter(path) for path in container.level_paths]
+    factors = []
+    for above, below in zip(images, images[1:]):
+        step = []
+        for axis, n_above, n_below in zip(above.axes, above.shape, below.shape):
+            if axis not in SPATIAL_AXES:
+                step.append(1)
+                continue
+            ratio = getattr(below.pixel_size, axis) / getattr(above.pixel_size, axis)
+            if (
+                abs(ratio - round(ratio)) > 1e-6
+                or -(-n_above // round(ratio)) < n_below
+            ):
+                return [i.zarr_array for i in images], []
+            step.append(round(ratio))
+        factors.append(tuple(step))
+    return [i.zarr_array for i in images], factors
+
+
+def _write(source, target_container, getter, pairs, kind: Aggregation, workers) -> None:
+    """Write windows and pyramid of one image or label into its new container."""
+    arrays, factors = _levels(target_container, getter)
+    if len(factors) == len(arrays) - 1:
+        write_windows(
+            source, arrays, getter("0").axes, pairs, factors, kind=kind, workers=workers
+        )
+        return
+    # Pyramid steps that are not whole factors: let ngio interpolate them.
+    write_windows(
+        source, arrays[:1], getter("0").axes, pairs, [], kind=kind, workers=workers
+    )
+    image = getter("0")
+    if kind == "mean":
+        image.consolidate(order="linear", mode="auto")
+    else:
+        image.consolidate(mode="auto")
+
+
+def write_registered(plan: ApplyPlan, workers: int) -> None:
+    """Build the registered image in the plan's scratch directory."""
+    scratch = plan.scratch
+    shutil.rmtree(scratch, ignore_errors=True)  # leftover of a killed run
+    started = time.perf_counter()
+    new = plan.acquisition.derive_image(str(scratch), overwrite=True)
+    source = plan.acquisition.get_image()
+    _write(
+        source.zarr_array,
+        new,
+        lambda path: new.get_image(path=path),
+        plan.image_pairs,
+        "mean",
+        workers,
+    )
+    logger.info(
+        "Wrote %d window(s) of %s and its %d-level pyramid in %.2f s.",
+        len(plan.image_pairs),
+        plan.zarr_url,
+        len(new.level_paths),
+        time.perf_counter() - started,
+    )
+    for name, pairs in plan.label_pairs.items():
+        started = time.perf_counter()
+        label = plan.acquisition.get_label(name)
+        new_label = new.derive_label(name, ref_image=label, overwrite=True)
+        del new_label
+        _write(
+            label.zarr_array,
+            new,
+            lambda path, name=name: new.get_label(name, path=path),
+            pairs,
+            "nearest",
+            workers,
+        )
+        logger.info(
+            "Registered label %s in %.2f s.", name, time.perf_counter() - started
+        )
+    for name, table in plan.tables.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            new.add_table(name, table, backend=table.backend_name, overwrite=True)
+    logger.info("Copied %d table(s): %s.", len(plan.tables), sorted(plan.tables))
+    zarr.open_group(str(scratch), mode="r+").attrs[PROVENANCE_KEY] = {
+        "source": plan.image_path,
+        "reference": plan.reference_url.rsplit("/", 1)[-1],
+        "registered_roi_table": plan.registered_roi_table,
+        "version": __version__,
+    }
+
+
+def commit(plan: ApplyPlan) -> dict:
+    """Put the registered image in place and report it to Fractal."""
+    replace_directory(plan.scratch, plan.destination)
+    logger.info("Registered image in place at %s.", plan.destination)
+    if plan.overwrite_input:
+        return {"image_list_updates": [{"zarr_url": plan.zarr_url}]}
+    new_path = plan.destination.name
+    well = open_well(plan.well_url)
+    if new_path not in well.paths():
+        acquisition = well.get_image_acquisition_id(plan.image_path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ngio warns on '_' in image paths
+            try:
+                well.atomic_add_image(new_path, acquisition_id=acquisition, strict=True)
+            except Exception:
+                if new_path not in open_well(plan.well_url).paths():
+                    raise
+        logger.info("Added %s to the metadata of well %s.", new_path, plan.well_url)
+    return {
+        "image_list_updates": [{"zarr_url": plan.output_url, "origin": plan.zarr_url}]
+    }

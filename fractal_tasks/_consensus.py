@@ -1,0 +1,148 @@
+"""Registered ROI tables: per ROI name, the window every acquisition shows.
+
+Geometry is done in integer level-0 pixels (``_geometry``) and converted back to
+micrometres once, so every acquisition's window has exactly the same shape.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from ngio import Roi
+
+from fractal_tasks._errors import RegistrationInputError
+from fractal_tasks._geometry import (
+    Box,
+    box_slices_um,
+    consensus_windows,
+    roi_box,
+    to_pixels,
+)
+from fractal_tasks._roi_tables import slices_um, translation_um
+
+logger = logging.getLogger(__name__)
+
+Geometry = tuple[dict[str, float], dict[str, int]]  # (pixel µm, shape) per axis
+
+
+def translations_px(
+    rois: Mapping[str, Mapping[str, Roi]],
+    pixel_um: Mapping[str, float],
+    reference_url: str,
+    table: str,
+) -> dict[str, dict[str, dict[str, int]]]:
+    """Whole-pixel translation per image and ROI name; the reference's is zero.
+
+    Raises:
+        RegistrationInputError: If no acquisition has translations (consensus
+            before calculate), or some ROIs lack them.
+    """
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    lacking: dict[str, list[str]] = {}
+    for url, by_roi in rois.items():
+        out[url] = {}
+        for name, roi in by_roi.items():
+            if url == reference_url:
+                out[url][name] = {axis: 0 for axis in pixel_um}
+                continue
+            t = translation_um(roi)
+            if t is None:
+                lacking.setdefault(url, []).append(name)
+                continue
+            out[url][name] = {
+                axis: to_pixels(t.get(axis, 0.0), pixel_um[axis]) for axis in pixel_um
+            }
+    others = [url for url in rois if url != reference_url]
+    if others and set(lacking) == set(others) and not any(out[url] for url in others):
+        raise RegistrationInputError(
+            f"No translations in ROI table {table!r} of any acquisition "
+            f"({others}). Run 'Calculate Registration (image-based)' with "
+            f"input_roi_table={table!r} before 'Find Registration Consensus'."
+        )
+    if lacking:
+        raise RegistrationInputError(
+            f"ROI table {table!r} lacks translations for {lacking}. Re-run "
+            "'Calculate Registration (image-based)' on these acquisitions."
+        )
+    return out
+
+
+def registered_rois(
+    rois: Mapping[str, Mapping[str, Roi]],
+    geometries: Mapping[str, Geometry],
+    reference_url: str,
+    table: str,
+) -> dict[str, list[Roi]]:
+    """Registered ROIs of every image: the consensus window, placed per image.
+
+    Args:
+        rois: ``image URL -> ROI name -> ROI`` of the input table, the same
+            names in every image.
+        geometries: ``image URL -> (pixel size µm, shape px)`` of level 0.
+        reference_url: The reference image (translation zero).
+        table: Input table name, for messages.
+
+    Returns:
+        ``image URL -> ROIs`` with the window in µm (exact multiples of the
+        pixel size) and the input ROI's other columns kept.
+
+    Raises:
+        RegistrationInputError: If pixel sizes differ between images, or a
+            ROI's consensus window is empty.
+    """
+    pixel_um = geometries[reference_url][0]
+    for url, (sizes, _) in geometries.items():
+        if sizes != pixel_um:
+            raise RegistrationInputError(
+                f"Pixel sizes differ: {url!r} has {sizes} µm, the reference "
+                f"{reference_url!r} has {pixel_um} µm. Registration only shifts "
+                "images; resample the acquisitions to the reference's pixel size."
+            )
+    shifts = translations_px(rois, pixel_um, reference_url, table)
+    out: dict[str, list[Roi]] = {url: [] for url in rois}
+    for name in rois[reference_url]:
+        boxes: dict[str, Box] = {}
+        for url, by_roi in rois.items():
+            box = roi_box(slices_um(by_roi[name]), pixel_um, geometries[url][1])
+            if box.is_empty:
+                raise RegistrationInputError(
+                    f"ROI {name!r} of table {table!r} lies outside the image "
+                    f"{url!r}. Fix the ROI table."
+                )
+            boxes[url] = box
+        windows = consensus_windows(boxes, {u: shifts[u][name] for u in rois})
+        if windows[reference_url].is_empty:
+            moves = {u: shifts[u][name] for u in rois}
+            raise RegistrationInputError(
+                f"ROI {name!r}: no region is visible in every acquisition (the "
+                f"window would be {windows[reference_url].shape} px). Translations "
+                f"in px per image: {moves}. One of them is probably wrong: check "
+                "its registration_status, or exclude that acquisition."
+            )
+        for url, window in windows.items():
+            out[url].append(_with_window(rois[url][name], window, pixel_um))
+        logger.info(
+            "ROI %s: consensus window %s px (from %s px).",
+            name,
+            windows[reference_url].shape,
+            boxes[reference_url].shape,
+        )
+    return out
+
+
+def _with_window(roi: Roi, window: Box, pixel_um: Mapping[str, float]) -> Roi:
+    """A copy of ``roi`` whose spatial slices are ``window``."""
+    slices = {
+        s.axis_name: (s.start, s.length)
+        for s in roi.slices
+        if s.axis_name not in window.axes
+    }
+    slices.update(box_slices_um(window, pixel_um))
+    return Roi.from_values(
+        slices=slices,
+        name=roi.name,
+        label=roi.label,
+        space=roi.space,
+        **(roi.model_extra or {}),
+    )

@@ -1,0 +1,83 @@
+"""Parallel task "Apply Registration to Image"."""
+
+import logging
+from typing import Any
+
+from pydantic import validate_call
+
+from fractal_tasks._apply import commit, plan_apply, write_registered
+from fractal_tasks._parallel import available_cpus
+
+logger = logging.getLogger("apply_registration_to_image")
+
+
+@validate_call
+def apply_registration_to_image(
+    *,
+    zarr_url: str,
+    registered_roi_table: str,
+    reference_acquisition: int = 0,
+    register_labels: bool = True,
+    overwrite_input: bool = True,
+) -> dict[str, Any]:
+    """Shift an acquisition onto its reference, keeping only the region all cycles show.
+
+    For each ROI of `registered_roi_table`, the acquisition's window is copied
+    to the reference's window of the same ROI name; pixels outside every window
+    are zero. The pyramid is rebuilt: 2x2 mean for intensities, nearest (first
+    pixel) for labels, whose values are preserved exactly. Labels are
+    registered the same way (if `register_labels`). ROI tables are copied from
+    the reference (the image is now in its frame); other tables are copied from
+    the acquisition unchanged, with a warning.
+
+    The new image is built next to the input and put in place in one atomic
+    step only once complete: a killed run leaves the input as it was. With
+    `overwrite_input=False`, `<image>_registered` is added to the well metadata
+    (once, under ngio's lock); an existing `<image>_registered` that this task
+    did not write is never replaced (the task fails instead).
+
+    Args:
+        zarr_url: Path or url to the individual OME-Zarr image to be processed.
+            (standard argument for Fractal tasks, managed by Fractal server).
+        registered_roi_table: ROI table written by "Find Registration
+            Consensus", e.g. `FOV_ROI_table_registered` (per field of view) or
+            `well_ROI_table_registered` (whole well).
+        reference_acquisition: Acquisition id (from the well metadata) of the
+            reference the images were registered onto.
+        register_labels: Also register every label image of the acquisition.
+        overwrite_input: Replace the input image by the registered one. If
+            False, write `<image>_registered` next to it instead.
+
+    Returns:
+        `image_list_updates` for Fractal: the input URL when it is replaced,
+        else the new image's URL with `origin` set to the input.
+    """
+    logger.info(
+        "Applying %s to %s (reference acquisition %d, labels %s, overwrite %s).",
+        registered_roi_table,
+        zarr_url,
+        reference_acquisition,
+        register_labels,
+        overwrite_input,
+    )
+    plan = plan_apply(
+        zarr_url,
+        registered_roi_table=registered_roi_table,
+        reference_acquisition=reference_acquisition,
+        register_labels=register_labels,
+        overwrite_input=overwrite_input,
+    )
+    logger.info(
+        "Reference image %s; %d ROI window(s); label(s) %s.",
+        plan.reference_url,
+        len(plan.image_pairs),
+        sorted(plan.label_pairs),
+    )
+    write_registered(plan, workers=available_cpus())
+    return commit(plan)
+
+
+if __name__ == "__main__":
+    from fractal_task_tools.task_wrapper import run_fractal_task
+
+    run_fractal_task(task_function=apply_registration_to_image)

@@ -1,0 +1,168 @@
+"""Compute part of "Calculate Registration (image-based)"."""
+
+import logging
+from typing import Annotated
+
+from ngio import open_ome_zarr_container
+from pydantic import Field, validate_call
+
+from fractal_tasks._calculate import (
+    estimate_rois,
+    judge,
+    roi_sizes,
+)
+from fractal_tasks._errors import RegistrationInputError
+from fractal_tasks._models import InitArgsRegistration
+from fractal_tasks._parallel import available_cpus
+from fractal_tasks._roi_tables import (
+    by_name,
+    load_rois,
+    require_same_names,
+    save_rois,
+    table_backend,
+    with_columns,
+)
+from fractal_tasks._shift import RegistrationMethod
+
+logger = logging.getLogger("calculate_registration")
+
+Quantile = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+
+
+@validate_call
+def calculate_registration(
+    *,
+    zarr_url: str,
+    init_args: InitArgsRegistration,
+    wavelength_id: str,
+    method: RegistrationMethod = RegistrationMethod.PHASE_CROSS_CORRELATION,
+    lower_rescale_quantile: Quantile = 0.0,
+    upper_rescale_quantile: Quantile = 0.99,
+    input_roi_table: str = "FOV_ROI_table",
+    level_path: str = "2",
+    max_shift: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None,
+    keep_zero_if_all_failed: bool = False,
+) -> None:
+    """Calculate, per ROI, the translation that moves an acquisition onto the reference.
+
+    For each ROI of `input_roi_table` (paired with the reference's ROI of the
+    same name), the registration channel of both images is read at
+    `level_path`, rescaled between the given intensity quantiles, and the shift
+    is estimated with subpixel precision. Each ROI then gets a verdict: a ROI
+    with too little signal, no gain in correlation from the shift, a shift
+    beyond `max_shift`, or a shift far from the other ROIs of the acquisition
+    is a failure; its translation is replaced by the median of the good ROIs
+    (status `fallback`) and a warning names it.
+
+    The acquisition's `input_roi_table` gets these columns per ROI:
+    `translation_z`, `translation_y`, `translation_x` (micrometres, the shift
+    that moves the acquisition onto the reference: acquisition pixel `p` shows
+    what reference pixel `p + translation` shows), `registration_ncc_before`
+    and `registration_ncc_after` (normalized cross-correlation of the
+    registration channel before and after the shift, -1 to 1),
+    `registration_status` (`ok`, `fallback` or `failed`) and
+    `registration_note` (why a ROI was not `ok`).
+
+    Args:
+        zarr_url: Path or url to the individual OME-Zarr image to be processed.
+            (standard argument for Fractal tasks, managed by Fractal server).
+        init_args: Initialization arguments provided by
+            `init_calculate_registration`: the `reference_zarr_url` of the
+            reference acquisition's image in the same well.
+            (standard argument for Fractal tasks, managed by Fractal server).
+        wavelength_id: Channel used for registration, by wavelength id (e.g.
+            `A01_C01` for Yokogawa, `C01` for MD) or by channel label (e.g.
+            `DAPI`). It should show the same structures in every cycle.
+        method: `phase_cross_correlation` (2D and 3D, subpixel) or
+            `chi2_shift` (image_registration package, 2D only).
+        lower_rescale_quantile: Intensities below this quantile (0 to 1) of
+            each ROI are clipped before registration; must be below
+            `upper_rescale_quantile`.
+        upper_rescale_quantile: Intensities above this quantile (0 to 1) of
+            each ROI are clipped before registration, which tames bright
+            artifacts.
+        input_roi_table: ROI table to register per row, e.g. `FOV_ROI_table`
+            (one translation per field of view) or `well_ROI_table` (one for
+            the whole well). Must exist in both images with the same ROI names.
+        level_path: Pyramid level to read, e.g. `"2"` (4x downsampled in y and
+            x) or `"0"` (full resolution). The translation is subpixel at this
+            level.
+        max_shift: Largest plausible shift in micrometres along any axis; a
+            larger one marks the ROI as failed. If unset, a quarter of the ROI's
+            size in y and x, and half of it in z.
+        keep_zero_if_all_failed: If every ROI of the acquisition fails, store
+            zero translations (status `failed`) instead of raising an error.
+    """
+    if lower_rescale_quantile >= upper_rescale_quantile:
+        raise RegistrationInputError(
+            f"lower_rescale_quantile ({lower_rescale_quantile}) must be below "
+            f"upper_rescale_quantile ({upper_rescale_quantile})."
+        )
+    reference_url = init_args.reference_zarr_url
+    logger.info(
+        "Registering %s onto %s per ROI of %s, channel %s, level %s, method %s.",
+        zarr_url,
+        reference_url,
+        input_roi_table,
+        wavelength_id,
+        level_path,
+        method.value,
+    )
+    reference = open_ome_zarr_container(reference_url)
+    acquisition = open_ome_zarr_container(zarr_url)
+    reference_rois = by_name(load_rois(reference, input_roi_table, reference_url))
+    acquisition_rois = by_name(load_rois(acquisition, input_roi_table, zarr_url))
+    require_same_names(
+        {reference_url: set(reference_rois), zarr_url: set(acquisition_rois)},
+        input_roi_table,
+        reference_url,
+    )
+    backend = table_backend(acquisition, input_roi_table)
+    estimates, pixel_um = estimate_rois(
+        reference,
+        acquisition,
+        reference_rois,
+        acquisition_rois,
+        urls=(reference_url, zarr_url),
+        wavelength_id=wavelength_id,
+        level_path=level_path,
+        method=method,
+        quantiles=(lower_rescale_quantile, upper_rescale_quantile),
+        workers=available_cpus(),
+    )
+    results = judge(
+        estimates,
+        pixel_um,
+        roi_sizes(reference_rois.values()),
+        max_shift=max_shift,
+        keep_zero_if_all_failed=keep_zero_if_all_failed,
+        zarr_url=zarr_url,
+    )
+    for result in results:
+        t = result.translation_um
+        logger.info(
+            "ROI %s: translation (z, y, x) = (%.3f, %.3f, %.3f) µm, NCC %.3f -> "
+            "%.3f, %s.",
+            result.name,
+            t.get("z", 0.0),
+            t["y"],
+            t["x"],
+            result.ncc_before,
+            result.ncc_after,
+            result.status.value,
+        )
+    updated = [with_columns(acquisition_rois[r.name], r.columns()) for r in results]
+    save_rois(acquisition, input_roi_table, updated, backend)
+    counts = {
+        s: sum(r.status.value == s for r in results)
+        for s in ("ok", "fallback", "failed")
+    }
+    logger.info(
+        "Stored translations in %s of %s: %s.", input_roi_table, zarr_url, counts
+    )
+
+
+if __name__ == "__main__":
+    from fractal_task_tools.task_wrapper import run_fractal_task
+
+    run_fractal_task(task_function=calculate_registration)

@@ -1,0 +1,97 @@
+"""Compute part of "Find Registration Consensus"."""
+
+import logging
+
+from ngio import open_ome_zarr_container
+from pydantic import validate_call
+
+from fractal_tasks._consensus import registered_rois
+from fractal_tasks._errors import RegistrationInputError
+from fractal_tasks._models import InitArgsRegistrationConsensus
+from fractal_tasks._roi_tables import (
+    by_name,
+    load_rois,
+    require_same_names,
+    save_rois,
+    spatial_geometry,
+    table_backend,
+)
+
+logger = logging.getLogger("find_consensus")
+
+
+@validate_call
+def find_consensus(
+    *,
+    zarr_url: str,
+    init_args: InitArgsRegistrationConsensus,
+    input_roi_table: str = "FOV_ROI_table",
+    registered_roi_table: str = "{input_roi_table}_registered",
+) -> None:
+    """Write, per ROI name, the region visible in every acquisition of the well.
+
+    For each ROI name of `input_roi_table`, the ROI of every acquisition is
+    moved by its translation (in whole level-0 pixels) onto the reference; the
+    intersection of these is the consensus. Each image of the well gets
+    `registered_roi_table`: for each ROI, the consensus window placed at that
+    image's own position (the same size in every image, an exact multiple of
+    the pixel size). The input table's other columns are kept.
+
+    Args:
+        zarr_url: Path or url to the individual OME-Zarr image to be processed.
+            This is the reference acquisition's image of the well.
+            (standard argument for Fractal tasks, managed by Fractal server).
+        init_args: Initialization arguments provided by `init_find_consensus`:
+            `zarr_url_list`, every image of the well, the reference first.
+            (standard argument for Fractal tasks, managed by Fractal server).
+        input_roi_table: ROI table that "Calculate Registration (image-based)"
+            wrote the translations into.
+        registered_roi_table: Name of the table to write. May contain the
+            placeholder `{input_roi_table}`. Must differ from `input_roi_table`,
+            whose translations it is computed from.
+    """
+    registered_roi_table = registered_roi_table.replace(
+        "{input_roi_table}", input_roi_table
+    )
+    if registered_roi_table == input_roi_table:
+        raise RegistrationInputError(
+            f"registered_roi_table ({registered_roi_table!r}) must differ from "
+            f"input_roi_table ({input_roi_table!r}): writing over the input would "
+            "destroy its translations. Use e.g. '{input_roi_table}_registered'."
+        )
+    urls = [zarr_url, *[u for u in init_args.zarr_url_list if u != zarr_url]]
+    logger.info(
+        "Consensus of %s over %d image(s) of the well of %s -> %s.",
+        input_roi_table,
+        len(urls),
+        zarr_url,
+        registered_roi_table,
+    )
+    containers = {url: open_ome_zarr_container(url) for url in urls}
+    rois = {
+        url: by_name(load_rois(container, input_roi_table, url))
+        for url, container in containers.items()
+    }
+    require_same_names(
+        {url: set(by_roi) for url, by_roi in rois.items()}, input_roi_table, zarr_url
+    )
+    geometries = {
+        url: spatial_geometry(container.get_image())
+        for url, container in containers.items()
+    }
+    backends = {url: table_backend(c, input_roi_table) for url, c in containers.items()}
+    registered = registered_rois(rois, geometries, zarr_url, input_roi_table)
+    for url, container in containers.items():
+        save_rois(container, registered_roi_table, registered[url], backends[url])
+    logger.info(
+        "Wrote %s (%d ROI(s)) into %d image(s).",
+        registered_roi_table,
+        len(rois[zarr_url]),
+        len(urls),
+    )
+
+
+if __name__ == "__main__":
+    from fractal_task_tools.task_wrapper import run_fractal_task
+
+    run_fractal_task(task_function=find_consensus)
