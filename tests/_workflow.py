@@ -1,0 +1,82 @@
+"""In-process runs of the three tasks, and an independent oracle for apply."""
+
+import numpy as np
+from ngio import open_ome_zarr_container
+
+from fractal_tasks._writer import downsample
+from fractal_tasks.apply_registration_to_image import apply_registration_to_image
+from fractal_tasks.calculate_registration import calculate_registration
+from fractal_tasks.find_consensus import find_consensus
+from fractal_tasks.init_calculate_registration import init_calculate_registration
+from fractal_tasks.init_find_consensus import init_find_consensus
+
+
+def urls_of(plate):
+    return [i.zarr_url for i in plate.images]
+
+
+def calculate(plate, **args):
+    urls = urls_of(plate)
+    items = init_calculate_registration(zarr_urls=urls, zarr_dir=plate.plate_url)
+    for item in items["parallelization_list"]:
+        calculate_registration(
+            **item, **{"wavelength_id": "A01_C01", "level_path": "0", **args}
+        )
+    return items["parallelization_list"]
+
+
+def consensus(plate, **args):
+    items = init_find_consensus(zarr_urls=urls_of(plate), zarr_dir=plate.plate_url)
+    for item in items["parallelization_list"]:
+        find_consensus(**item, **args)
+    return items["parallelization_list"]
+
+
+def apply(plate, **args):
+    args = {"registered_roi_table": "FOV_ROI_table_registered", **args}
+    return [apply_registration_to_image(zarr_url=u, **args) for u in urls_of(plate)]
+
+
+def register(plate, calc_args=None, apply_args=None):
+    calculate(plate, **(calc_args or {}))
+    consensus(plate)
+    return apply(plate, **(apply_args or {}))
+
+
+def spatial_index(axes, box):
+    return tuple(box.get(a, slice(None)) for a in axes)
+
+
+def windows(zarr_url, table="FOV_ROI_table_registered"):
+    """ROI name -> {axis: slice} in level-0 pixels, by plain rounding."""
+    container = open_ome_zarr_container(zarr_url)
+    image = container.get_image()
+    ps = {"z": image.pixel_size.z, "y": image.pixel_size.y, "x": image.pixel_size.x}
+    out = {}
+    for roi in container.get_roi_table(table).rois():
+        box = {}
+        for axis in ("z", "y", "x"):
+            if axis not in image.axes:
+                continue
+            s = roi[axis]
+            a = int(round(s.start / ps[axis]))
+            box[axis] = slice(a, a + int(round(s.length / ps[axis])))
+        out[roi.name] = box
+    return out
+
+
+def expected_level0(source_array, axes, acq_windows, ref_windows):
+    expected = np.zeros_like(source_array)
+    for name, target in ref_windows.items():
+        expected[spatial_index(axes, target)] = source_array[
+            spatial_index(axes, acq_windows[name])
+        ]
+    return expected
+
+
+def expected_pyramid(level0, axes, n_levels, kind):
+    factors = tuple(2 if a in ("y", "x") else 1 for a in axes)
+    levels = [level0]
+    for _ in range(n_levels - 1):
+        levels.append(downsample(levels[-1], factors, kind))
+    return levels

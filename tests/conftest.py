@@ -1,0 +1,62 @@
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+
+from fractal_tasks.synthetic import build_synthetic_plate
+
+warnings.simplefilter("ignore")
+logging.getLogger("ngio").setLevel(logging.ERROR)
+
+_TEMPLATES: dict = {}
+
+
+def plate_copy(tmp_path: Path, **options):
+    """A fresh copy of a synthetic plate (built once per option set per session)."""
+    key = tuple(sorted(options.items()))
+    if key not in _TEMPLATES:
+        root = Path(_TEMPLATE_DIR) / f"t{len(_TEMPLATES)}"
+        defaults = dict(
+            wells=("B03",),
+            n_acquisitions=3,
+            fovs=(2, 2),
+            fov_shape=(64, 80),
+            levels=3,
+            seed=1,
+        )
+        _TEMPLATES[key] = build_synthetic_plate(
+            root / "plate.zarr", **{**defaults, **options}
+        )
+    template = _TEMPLATES[key]
+    target = tmp_path / "plate.zarr"
+    shutil.copytree(template.plate_url, target)
+    plate = template.__class__(**{**template.__dict__})
+    old = template.plate_url
+    plate.plate_url = str(target)
+    plate.images = [
+        type(i)(
+            i.zarr_url.replace(old, str(target)), i.row, i.column, i.path, i.acquisition
+        )
+        for i in template.images
+    ]
+    plate.translations_px = {
+        k.replace(old, str(target)): v for k, v in template.translations_px.items()
+    }
+    return plate
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _template_dir(tmp_path_factory):
+    global _TEMPLATE_DIR
+    _TEMPLATE_DIR = tmp_path_factory.mktemp("templates")
+    yield
+
+
+@pytest.fixture
+def make_plate(tmp_path):
+    def make(**options):
+        return plate_copy(tmp_path, **options)
+
+    return make
