@@ -302,7 +302,8 @@ def _copy_tables(plan: ApplyPlan, scratch: Path) -> None:
     """
     if not plan.tables:
         return
-    group = zarr.open_group(str(scratch / "tables"), mode="a")
+    version = zarr.open_group(str(scratch), mode="r").metadata.zarr_format
+    group = zarr.open_group(str(scratch / "tables"), mode="a", zarr_format=version)
     for name, source_url in plan.tables.items():
         shutil.copytree(Path(source_url, "tables", name), scratch / "tables" / name)
     group.attrs["tables"] = list(plan.tables)

@@ -8,13 +8,17 @@ micrometres, the shift that moves the acquisition onto the reference.
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Mapping
+from pathlib import Path
 
+import zarr
 from ngio import OmeZarrContainer, Roi
-from ngio.tables import RoiTable
+from ngio.tables import RoiTable, write_table
 
 from fractal_tasks._errors import RegistrationInputError
 from fractal_tasks._geometry import SPATIAL_AXES
+from fractal_tasks._replace import replace_directory
 
 TRANSLATION_COLUMNS = {axis: f"translation_{axis}" for axis in SPATIAL_AXES}
 
@@ -123,12 +127,29 @@ def with_columns(roi: Roi, columns: Mapping[str, object]) -> Roi:
 
 
 def save_rois(
-    container: OmeZarrContainer, table: str, rois: list[Roi], backend: str | None
+    container: OmeZarrContainer,
+    zarr_url: str,
+    table: str,
+    rois: list[Roi],
+    backend: str | None,
 ) -> None:
-    """Write ``rois`` as ROI table ``table``, replacing it, in ``backend``."""
-    container.add_table(
-        table, RoiTable(rois=rois), backend=backend or "anndata", overwrite=True
-    )
+    """Write ``rois`` as ROI table ``table`` in ``backend``, replacing it safely.
+
+    An existing table is rewritten beside itself (``<table>.writing``) and then
+    exchanged in one step, so a killed run leaves the old table or the new one,
+    never half of one.
+    """
+    backend = backend or "anndata"
+    folder = Path(zarr_url, "tables", table)
+    if table not in container.list_tables() or not folder.is_dir():
+        container.add_table(table, RoiTable(rois=rois), backend=backend, overwrite=True)
+        return
+    scratch = folder.with_name(table + ".writing")
+    shutil.rmtree(scratch, ignore_errors=True)
+    version = zarr.open_group(str(folder), mode="r").metadata.zarr_format
+    group = zarr.open_group(str(scratch), mode="w", zarr_format=version)
+    write_table(group, RoiTable(rois=rois), backend=backend)
+    replace_directory(scratch, folder)
 
 
 def table_backend(container: OmeZarrContainer, table: str) -> str | None:

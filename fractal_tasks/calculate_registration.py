@@ -152,7 +152,7 @@ def calculate_registration(
             result.status.value,
         )
     updated = [with_columns(acquisition_rois[r.name], r.columns()) for r in results]
-    save_rois(acquisition, input_roi_table, updated, backend)
+    save_rois(acquisition, zarr_url, input_roi_table, updated, backend)
     counts = {
         s: sum(r.status.value == s for r in results)
         for s in ("ok", "fallback", "failed")

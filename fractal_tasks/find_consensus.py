@@ -82,7 +82,7 @@ def find_consensus(
     backends = {url: table_backend(c, input_roi_table) for url, c in containers.items()}
     registered = registered_rois(rois, geometries, zarr_url, input_roi_table)
     for url, container in containers.items():
-        save_rois(container, registered_roi_table, registered[url], backends[url])
+        save_rois(container, url, registered_roi_table, registered[url], backends[url])
     logger.info(
         "Wrote %s (%d ROI(s)) into %d image(s).",
         registered_roi_table,
