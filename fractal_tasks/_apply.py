@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from fractal_tasks._errors import RegistrationInputError
 from fractal_tasks._geometry import SPATIAL_AXES, window_pair
 from fractal_tasks._hcs import (
     acquisition_of,
+    add_image_to_well,
     open_well,
     reference_path,
     split_image_url,
@@ -364,16 +364,8 @@ def commit(plan: ApplyPlan) -> dict:
     if plan.overwrite_input:
         return {"image_list_updates": [{"zarr_url": plan.zarr_url}]}
     new_path = plan.destination.name
-    well = open_well(plan.well_url)
-    if new_path not in well.paths():
-        acquisition = well.get_image_acquisition_id(plan.image_path)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # ngio warns on '_' in image paths
-            try:
-                well.atomic_add_image(new_path, acquisition_id=acquisition, strict=True)
-            except Exception:
-                if new_path not in open_well(plan.well_url).paths():
-                    raise
+    acquisition = open_well(plan.well_url).get_image_acquisition_id(plan.image_path)
+    if add_image_to_well(plan.well_url, new_path, acquisition):
         logger.info("Added %s to the metadata of well %s.", new_path, plan.well_url)
     return {
         "image_list_updates": [{"zarr_url": plan.output_url, "origin": plan.zarr_url}]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 from ngio import OmeZarrWell, open_ome_zarr_well
@@ -132,3 +133,24 @@ def reference_path(
         chosen,
     )
     return chosen
+
+
+def add_image_to_well(well_url: str, image_path: str, acquisition: int) -> bool:
+    """List ``image_path`` in the well metadata once, under ngio's file lock.
+
+    Safe against concurrent additions from other processes. Returns False when
+    the image was listed already (a re-run), True when it was added.
+    """
+    if image_path in open_well(well_url).paths():
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ngio warns on '_' in image paths
+        try:
+            open_well(well_url).atomic_add_image(
+                image_path, acquisition_id=acquisition, strict=True
+            )
+        except Exception:
+            if image_path in open_well(well_url).paths():
+                return False  # another run listed it in the meantime
+            raise
+    return True

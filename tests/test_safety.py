@@ -1,0 +1,176 @@
+"""Concurrency and crashes, with real processes (forkserver children).
+
+Every image of a well is applied at once, the reference included, as a Fractal
+job does; apply processes are killed with SIGKILL at random moments. The plate
+must always hold complete images, and a re-run must finish the job.
+"""
+
+import contextlib
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _workflow import calculate, consensus, urls_of
+from ngio import open_ome_zarr_container, open_ome_zarr_well
+
+from fractal_tasks._hcs import add_image_to_well
+from fractal_tasks.apply_registration_to_image import apply_registration_to_image
+
+TABLE = "FOV_ROI_table_registered"
+CTX = multiprocessing.get_context("forkserver")
+CTX.set_forkserver_preload(["fractal_tasks.apply_registration_to_image"])
+
+
+def _apply(url, overwrite, barrier=None):
+    if barrier is not None:
+        barrier.wait()
+    apply_registration_to_image(
+        zarr_url=url, registered_roi_table=TABLE, overwrite_input=overwrite
+    )
+
+
+def _add(well_url, path, barrier):
+    barrier.wait()
+    add_image_to_well(well_url, path, 0)
+
+
+def _arrays(url):
+    c = open_ome_zarr_container(url)
+    return c.get_image().get_array(), c.get_label("nuclei").get_array()
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A plate with consensus tables, and the expected output of every image."""
+    from fractal_tasks.synthetic import build_synthetic_plate
+
+    root = tmp_path_factory.mktemp("safety")
+    plate = build_synthetic_plate(
+        root / "plate.zarr",
+        wells=("B03",),
+        n_acquisitions=4,
+        fovs=(2, 2),
+        fov_shape=(128, 160),
+        levels=3,
+        chunks=(1, 1, 32, 32),
+        seed=5,
+    )
+    calculate(plate)
+    consensus(plate)
+    pristine = root / "pristine.zarr"
+    shutil.copytree(plate.plate_url, pristine)
+    for url in urls_of(plate):
+        _apply(url, False)
+    expected = {u: _arrays(f"{u}_registered") for u in urls_of(plate)}
+    original = {u: _arrays(u) for u in urls_of(plate)}
+    return plate, pristine, expected, original
+
+
+def _reset(plate, pristine):
+    shutil.rmtree(plate.plate_url)
+    shutil.copytree(pristine, plate.plate_url)
+
+
+def _leftovers(plate):
+    well = Path(plate.plate_url, "B", "03")
+    names = [p.name for p in well.iterdir()]
+    names += [p.name for p in well.glob("*/tables/*")]
+    return [n for n in names if n.endswith((".registering", ".writing", ".replaced"))]
+
+
+def _same(got, want):
+    return all(np.array_equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_whole_well_applied_at_once_20_times(prepared, overwrite):
+    plate, pristine, expected, _ = prepared
+    urls = urls_of(plate)
+    for _ in range(20):
+        _reset(plate, pristine)
+        barrier = CTX.Barrier(len(urls))
+        procs = [CTX.Process(target=_apply, args=(u, overwrite, barrier)) for u in urls]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(120)
+        assert [p.exitcode for p in procs] == [0] * len(urls)
+        for url in urls:
+            out = url if overwrite else f"{url}_registered"
+            assert _same(_arrays(out), expected[url])
+        paths = open_ome_zarr_well(plate.plate_url + "/B/03").paths()
+        names = [u.rsplit("/", 1)[1] for u in urls]
+        if not overwrite:
+            names += [f"{n}_registered" for n in names]
+        assert sorted(paths) == sorted(names)
+        assert _leftovers(plate) == []
+
+
+def test_32_concurrent_well_additions_are_all_recorded(prepared, tmp_path):
+    plate, pristine, _, _ = prepared
+    _reset(plate, pristine)
+    well_url = plate.plate_url + "/B/03"
+    barrier = CTX.Barrier(32)
+    procs = [
+        CTX.Process(target=_add, args=(well_url, f"extra{i}", barrier))
+        for i in range(32)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * 32
+    paths = open_ome_zarr_well(well_url).paths()
+    assert sorted(p for p in paths if p.startswith("extra")) == sorted(
+        f"extra{i}" for i in range(32)
+    )
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_sigkill_at_random_moments_never_loses_the_image(prepared, overwrite):
+    plate, pristine, expected, original = prepared
+    url = urls_of(plate)[2]
+    out = url if overwrite else f"{url}_registered"
+    _reset(plate, pristine)
+    started = time.perf_counter()
+    run = CTX.Process(target=_apply, args=(url, overwrite))
+    run.start()
+    run.join()
+    duration = time.perf_counter() - started
+    rng = random.Random(0)
+    states = []
+    for _ in range(12):
+        _reset(plate, pristine)
+        proc = CTX.Process(target=_apply, args=(url, overwrite))
+        proc.start()
+        time.sleep(rng.uniform(0.0, duration * 1.1))
+        with contextlib.suppress(ProcessLookupError):  # it may have finished
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+        # the input is intact, or the output complete
+        if overwrite:
+            now = _arrays(url)
+            assert _same(now, original[url]) or _same(now, expected[url])
+            states.append("new" if _same(now, expected[url]) else "old")
+        else:
+            assert _same(_arrays(url), original[url])
+            done = Path(out).exists() and (Path(out) / ".zattrs").exists()
+            if done:
+                assert _same(_arrays(out), expected[url])
+            states.append("new" if done else "old")
+        well = open_ome_zarr_well(plate.plate_url + "/B/03")
+        for path in well.paths():
+            open_ome_zarr_container(f"{plate.plate_url}/B/03/{path}")
+        # a re-run finishes the job and cleans up
+        _apply(url, overwrite)
+        assert _same(_arrays(out), expected[url])
+        assert _leftovers(plate) == []
+        listed = open_ome_zarr_well(plate.plate_url + "/B/03").paths()
+        assert listed.count(Path(out).name) == 1
+    assert "old" in states, states
