@@ -37,18 +37,22 @@ def load_rois(container: OmeZarrContainer, table: str, zarr_url: str) -> list[Ro
             "Choose an existing table, or run the task that writes it first."
         )
     try:
-        rois = container.get_generic_roi_table(table).rois()
+        roi_table = container.get_generic_roi_table(table)
+        rois = roi_table.rois()
+        # ngio keys ROIs by name and silently keeps one of a duplicated name;
+        # the table's own index still shows every row.
+        index = roi_table.dataframe.index
     except Exception as error:
         raise RegistrationInputError(
             f"Cannot read ROI table {table!r} of {zarr_url!r}: {error}. It must be "
             "a ROI table in a backend ngio can read (anndata, parquet, csv, json)."
         ) from error
-    names = [roi.name for roi in rois]
-    if any(not name for name in names):
+    if any(not roi.name for roi in rois):
         raise RegistrationInputError(
             f"ROI table {table!r} of {zarr_url!r} has ROIs without a name; ROIs "
             "are paired across acquisitions by name."
         )
+    names = [str(name) for name in index]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise RegistrationInputError(

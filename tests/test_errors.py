@@ -178,3 +178,227 @@ def test_existing_foreign_registered_image_is_kept(make_plate):
         ),
     )
     assert (foreign / "precious.txt").read_text() == "mine"
+
+
+def _set_rois(url, table, change):
+    """Rewrite a ROI table through ngio after ``change(rois) -> rois``."""
+    from ngio.tables import RoiTable
+
+    container = open_ome_zarr_container(url)
+    rois = container.get_roi_table(table).rois()
+    container.add_table(table, RoiTable(rois=change(rois)), overwrite=True)
+
+
+def test_roi_names_differ(make_plate):
+    plate = make_plate()
+    url = urls_of(plate)[1]
+    _set_rois(
+        url,
+        "FOV_ROI_table",
+        lambda rois: [rois[0].model_copy(update={"name": "other"}), *rois[1:]],
+    )
+    raises_unchanged(
+        plate,
+        "does not hold the same ROI names.*missing \\['FOV_1'\\]",
+        lambda: calculate_registration(**calc_args(plate)),
+    )
+
+
+def test_duplicate_roi_names(make_plate):
+    import json
+
+    import anndata
+
+    plate = make_plate()
+    folder = Path(urls_of(plate)[1], "tables", "FOV_ROI_table")
+    meta = json.loads((folder / ".zattrs").read_text())
+    table = anndata.read_zarr(folder)
+    table.obs_names = ["FOV_1", "FOV_1", "FOV_3", "FOV_4"]
+    table.write_zarr(folder)
+    extra = json.loads((folder / ".zattrs").read_text())
+    (folder / ".zattrs").write_text(json.dumps({**meta, **extra}))
+    raises_unchanged(
+        plate,
+        "duplicate ROI names \\['FOV_1'\\].*unique",
+        lambda: calculate_registration(**calc_args(plate)),
+    )
+
+
+def test_roi_outside_the_image(make_plate):
+    plate = make_plate()
+    for url in urls_of(plate)[:2]:
+        _set_rois(
+            url,
+            "FOV_ROI_table",
+            lambda rois: [
+                r.update_slice("x", (1e4, 10.0)) if r.name == "FOV_2" else r
+                for r in rois
+            ],
+        )
+    raises_unchanged(
+        plate,
+        "ROI 'FOV_2' lies outside the image",
+        lambda: calculate_registration(**calc_args(plate)),
+    )
+
+
+def test_nan_translation(make_plate):
+    plate = make_plate()
+    calculate(plate)
+    _set_rois(
+        urls_of(plate)[2],
+        "FOV_ROI_table",
+        lambda rois: [
+            r.model_copy(update={"translation_y": float("nan")})
+            if r.name == "FOV_3"
+            else r
+            for r in rois
+        ],
+    )
+    urls = urls_of(plate)
+    raises_unchanged(
+        plate,
+        "ROI 'FOV_3' has missing or NaN \\['translation_y'\\]",
+        lambda: find_consensus(zarr_url=urls[0], init_args={"zarr_url_list": urls}),
+    )
+
+
+def test_empty_consensus_window(make_plate):
+    plate = make_plate()
+    calculate(plate)
+    _set_rois(
+        urls_of(plate)[1],
+        "FOV_ROI_table",
+        lambda rois: [
+            r.model_copy(update={"translation_x": 500.0}) if r.name == "FOV_4" else r
+            for r in rois
+        ],
+    )
+    urls = urls_of(plate)
+    raises_unchanged(
+        plate,
+        "ROI 'FOV_4': no region is visible in every acquisition",
+        lambda: find_consensus(zarr_url=urls[0], init_args={"zarr_url_list": urls}),
+    )
+
+
+def _rewrite_image(url, **changes):
+    """Replace an image by a copy of its data with other metadata."""
+    from ngio import create_ome_zarr_from_array
+
+    container = open_ome_zarr_container(url)
+    image = container.get_image()
+    options = dict(
+        pixelsize=image.pixel_size.x,
+        axes_names=image.axes,
+        levels=len(container.level_paths),
+        channels_meta=["A01_C01", "A01_C02"],
+        overwrite=True,
+    )
+    data = changes.pop("data", image.get_array())
+    tables = {n: container.get_table(n) for n in container.list_tables()}
+    for t in tables.values():
+        t.dataframe  # noqa: B018  read before the image is replaced
+    new = create_ome_zarr_from_array(url, data, **{**options, **changes})
+    for name, table in tables.items():
+        new.add_table(name, table, overwrite=True)
+
+
+def test_pixel_sizes_differ(make_plate):
+    plate = make_plate()
+    _rewrite_image(urls_of(plate)[1], pixelsize=0.5)
+    raises_unchanged(
+        plate,
+        "Pixel sizes differ.*resample",
+        lambda: calculate_registration(**calc_args(plate)),
+    )
+
+
+def test_time_series_is_refused(make_plate):
+    import numpy as np
+
+    plate = make_plate(axes="tczyx", n_acquisitions=2)
+    url = urls_of(plate)[1]
+    data = open_ome_zarr_container(url).get_image().get_array()
+    _rewrite_image(url, data=np.concatenate([data, data]))
+    raises_unchanged(
+        plate,
+        "is a time series \\(2 time points\\)",
+        lambda: calculate_registration(**calc_args(plate)),
+    )
+
+
+def test_label_shape_differs_from_image(make_plate):
+    plate = make_plate()
+    calculate(plate)
+    consensus(plate)
+    url = urls_of(plate)[1]
+    container = open_ome_zarr_container(url)
+    container.derive_label("nuclei", shape=(1, 40, 40), overwrite=True)
+    raises_unchanged(
+        plate,
+        "Label 'nuclei'.*must match its image's shape",
+        lambda: apply_registration_to_image(
+            zarr_url=url, registered_roi_table="FOV_ROI_table_registered"
+        ),
+    )
+
+
+def test_corrupt_well_metadata(make_plate):
+    plate = make_plate()
+    well = Path(plate.plate_url, "B", "03")
+    (well / ".zattrs").write_text('{"well": {"images": "garbage"}}')
+    raises_unchanged(
+        plate,
+        "has no valid OME-Zarr well metadata",
+        lambda: init_calculate_registration(zarr_urls=urls_of(plate), zarr_dir="x"),
+    )
+    (well / ".zattrs").unlink()
+    raises_unchanged(
+        plate,
+        "has no valid OME-Zarr well metadata",
+        lambda: apply_registration_to_image(
+            zarr_url=urls_of(plate)[1], registered_roi_table="FOV_ROI_table_registered"
+        ),
+    )
+
+
+def test_unknown_table_backend(make_plate):
+    import json
+
+    plate = make_plate()
+    calculate(plate)
+    consensus(plate)
+    url = urls_of(plate)[1]
+    # ROI tables are copied from the reference: break the reference's
+    attrs = Path(urls_of(plate)[0], "tables", "well_ROI_table", ".zattrs")
+    meta = json.loads(attrs.read_text())
+    attrs.write_text(json.dumps({**meta, "backend": "mystery_v9"}))
+    raises_unchanged(
+        plate,
+        "Cannot read table 'well_ROI_table'.*backend",
+        lambda: apply_registration_to_image(
+            zarr_url=url, registered_roi_table="FOV_ROI_table_registered"
+        ),
+    )
+
+
+def test_registered_roi_outside_the_image(make_plate):
+    plate = make_plate()
+    calculate(plate)
+    consensus(plate)
+    url = urls_of(plate)[1]
+    _set_rois(
+        url,
+        "FOV_ROI_table_registered",
+        lambda rois: [
+            r.update_slice("y", (r["y"].start + 30.0, r["y"].length)) for r in rois
+        ],
+    )
+    raises_unchanged(
+        plate,
+        "does not fit image.*Re-run 'Find Registration Consensus'",
+        lambda: apply_registration_to_image(
+            zarr_url=url, registered_roi_table="FOV_ROI_table_registered"
+        ),
+    )
