@@ -1,0 +1,156 @@
+"""Calculate registration: accuracy, verdicts, fallbacks, and what lies beyond."""
+
+import numpy as np
+import pytest
+from _workflow import calculate, urls_of
+from ngio import open_ome_zarr_container
+from ngio.tables import RoiTable
+
+from fractal_tasks._errors import RegistrationInputError
+
+FOV = dict(fov_shape=(128, 160), n_acquisitions=2)
+
+
+def _rois(url):
+    table = open_ome_zarr_container(url).get_roi_table("FOV_ROI_table")
+    return {r.name: r.model_extra for r in table.rois()}
+
+
+def _found_px(plate, extra):
+    return np.array([extra[f"translation_{a}"] for a in "zyx"]) / [
+        plate.z_spacing,
+        plate.pixel_size,
+        plate.pixel_size,
+    ]
+
+
+def _edit_fov(url, fov_index, change):
+    """Change the level-0 pixels of one FOV (2x2 grid) and rebuild the pyramid."""
+    image = open_ome_zarr_container(url).get_image()
+    data = image.get_array()
+    h, w = data.shape[-2] // 2, data.shape[-1] // 2
+    y, x = divmod(fov_index, 2)
+    box = (..., slice(y * h, (y + 1) * h), slice(x * w, (x + 1) * w))
+    data[box] = change(data[box])
+    image.set_array(data)
+    image.consolidate(mode="auto")
+
+
+def test_subpixel_shifts_are_recovered_to_a_tenth_of_a_pixel(make_plate):
+    plate = make_plate(subpixel=True, **FOV)
+    calculate(plate)
+    url = urls_of(plate)[1]
+    errors = [
+        np.abs(_found_px(plate, e) - plate.true_translation_px(url, n)).max()
+        for n, e in _rois(url).items()
+    ]
+    assert np.median(errors) <= 0.1
+    assert max(errors) < 0.5
+
+
+def test_3d_shift_with_z_is_recovered(make_plate):
+    plate = make_plate(n_z=8, max_shift_z=2, seed=3, **FOV)
+    calculate(plate)
+    url = urls_of(plate)[1]
+    for name, extra in _rois(url).items():
+        np.testing.assert_array_equal(
+            np.round(_found_px(plate, extra)), plate.true_translation_px(url, name)
+        )
+
+
+def test_empty_fov_falls_back_to_the_median_of_the_good_ones(make_plate):
+    plate = make_plate(**FOV)
+    url = urls_of(plate)[1]
+    _edit_fov(url, 1, lambda block: np.full_like(block, 500))
+    calculate(plate)
+    rois = _rois(url)
+    assert rois["FOV_2"]["registration_status"] == "fallback"
+    assert "signal" in rois["FOV_2"]["registration_note"]
+    good = np.array([_found_px(plate, rois[n]) for n in ("FOV_1", "FOV_3", "FOV_4")])
+    np.testing.assert_allclose(
+        _found_px(plate, rois["FOV_2"]), np.median(good, axis=0), atol=1e-6
+    )
+    assert {rois[n]["registration_status"] for n in ("FOV_1", "FOV_3", "FOV_4")} == {
+        "ok"
+    }
+
+
+def test_every_fov_empty_is_a_clear_error_or_zero_on_request(make_plate):
+    plate = make_plate(**FOV)
+    url = urls_of(plate)[1]
+    for i in range(4):
+        _edit_fov(url, i, lambda block: np.full_like(block, 500))
+    with pytest.raises(RegistrationInputError, match="failed for every ROI"):
+        calculate(plate)
+    calculate(plate, keep_zero_if_all_failed=True)
+    for extra in _rois(url).values():
+        assert extra["registration_status"] == "failed"
+        assert [extra[f"translation_{a}"] for a in "zyx"] == [0.0, 0.0, 0.0]
+
+
+def test_injected_outlier_is_caught(make_plate):
+    plate = make_plate(**FOV)
+    url = urls_of(plate)[1]
+    _edit_fov(url, 2, lambda block: np.roll(block, (11, -13), axis=(-2, -1)))
+    calculate(plate)
+    rois = _rois(url)
+    assert rois["FOV_3"]["registration_status"] == "fallback"
+    assert "outlier" in rois["FOV_3"]["registration_note"]
+    assert (
+        np.abs(
+            _found_px(plate, rois["FOV_3"]) - plate.true_translation_px(url, "FOV_3")
+        ).max()
+        < 3
+    )
+
+
+def test_max_shift_marks_a_roi_failed(make_plate):
+    plate = make_plate(max_shift_fraction=0.08, seed=4, **FOV)
+    url = urls_of(plate)[1]
+    shifts = {
+        n: np.abs(plate.true_translation_um(url, n)).max() for n in plate.fov_names
+    }
+    limit = float(np.median(list(shifts.values())))
+    calculate(plate, max_shift=limit)
+    rois = _rois(url)
+    flagged = {
+        n for n, e in rois.items() if "beyond max_shift" in e["registration_note"]
+    }
+    assert flagged, shifts
+    assert all(shifts[n] > limit for n in flagged)
+    assert all(rois[n]["registration_status"] == "fallback" for n in flagged)
+
+
+def test_rois_of_different_shapes_register_on_their_common_part(make_plate):
+    plate = make_plate(**FOV)
+    url = urls_of(plate)[1]
+    container = open_ome_zarr_container(url)
+    rois = container.get_roi_table("FOV_ROI_table").rois()
+    shorter = [
+        r.update_slice("x", (r["x"].start, r["x"].length - 3 * plate.pixel_size))
+        for r in rois
+    ]
+    container.add_table("FOV_ROI_table", RoiTable(rois=shorter), overwrite=True)
+    calculate(plate)
+    for name, extra in _rois(url).items():
+        np.testing.assert_array_equal(
+            np.round(_found_px(plate, extra)), plate.true_translation_px(url, name)
+        )
+
+
+def test_chi2_shift_writes_the_same_columns(make_plate):
+    plate = make_plate(**FOV)
+    calculate(plate, method="chi2_shift")
+    url = urls_of(plate)[1]
+    for name, extra in _rois(url).items():
+        assert extra["registration_status"] == "ok"
+        assert extra["registration_ncc_after"] >= extra["registration_ncc_before"]
+        np.testing.assert_array_equal(
+            np.round(_found_px(plate, extra)), plate.true_translation_px(url, name)
+        )
+
+
+def test_chi2_shift_refuses_3d(make_plate):
+    plate = make_plate(n_z=3, **FOV)
+    with pytest.raises(RegistrationInputError, match="chi2_shift.*2D"):
+        calculate(plate, method="chi2_shift")
