@@ -17,7 +17,7 @@ import numpy as np
 from ngio import OmeZarrContainer
 
 from fractal_tasks._errors import RegistrationInputError
-from fractal_tasks._geometry import Box, roi_box
+from fractal_tasks._geometry import Box, crop_to_common, roi_box
 from fractal_tasks._roi_tables import by_name, slices_um, spatial_geometry
 from fractal_tasks._shift import (
     RegistrationMethod,
@@ -108,16 +108,6 @@ def _reader(image, channel: int, zarr_url: str):
     return read
 
 
-def _common(reference: Box, moving: Box) -> tuple[Box, Box]:
-    """Crop two boxes to their common size, from their starts."""
-    size = [min(a, b) for a, b in zip(reference.shape, moving.shape)]
-
-    def crop(box: Box) -> Box:
-        return Box(box.axes, box.start, tuple(a + n for a, n in zip(box.start, size)))
-
-    return crop(reference), crop(moving)
-
-
 def estimate_rois(
     reference: OmeZarrContainer,
     acquisition: OmeZarrContainer,
@@ -173,7 +163,7 @@ def estimate_rois(
                     f"ROI {name!r} lies outside the image {url!r}; fix the ROI "
                     "table, or choose a table whose ROIs are inside the image."
                 )
-        boxes = _common(*boxes)
+        boxes = crop_to_common(*boxes)
         ref_pixels, acq_pixels = (read(b) for read, b in zip(readers, boxes))
         return estimate_shift(
             ref_pixels,

@@ -60,6 +60,20 @@ class Box:
         }
 
 
+def crop_to_common(first: Box, second: Box) -> tuple[Box, Box]:
+    """Both boxes cut to their common size, keeping their starts.
+
+    Used to compare a ROI whose pixel shape differs between two acquisitions
+    (e.g. by a few pixels) on the part both have.
+    """
+    size = [min(a, b) for a, b in zip(first.shape, second.shape)]
+
+    def cut(box: Box) -> Box:
+        return Box(box.axes, box.start, tuple(a + n for a, n in zip(box.start, size)))
+
+    return cut(first), cut(second)
+
+
 def to_pixel_edge(value_um: float, pixel_um: float, *, upper: bool) -> int:
     """Convert a micrometre coordinate to a pixel edge.
 

@@ -45,7 +45,7 @@ from fractal_tasks._calculate import (
     channel_index,
 )
 from fractal_tasks._errors import RegistrationInputError
-from fractal_tasks._geometry import SPATIAL_AXES, Box, roi_box
+from fractal_tasks._geometry import SPATIAL_AXES, crop_to_common, roi_box
 from fractal_tasks._hcs import open_well, reference_path
 from fractal_tasks._roi_tables import (
     by_name,
@@ -360,16 +360,6 @@ def _as_zyx(pixels: np.ndarray) -> np.ndarray:
     return out[None] if out.ndim == 2 else out
 
 
-def _common_shape(first: Box, second: Box) -> tuple[Box, Box]:
-    """Both boxes cut to their common size, from their starts."""
-    size = [min(a, b) for a, b in zip(first.shape, second.shape)]
-
-    def cut(box: Box) -> Box:
-        return Box(box.axes, box.start, tuple(a + n for a, n in zip(box.start, size)))
-
-    return cut(first), cut(second)
-
-
 def _make_panel(
     fov: str,
     image_path: str,
@@ -564,7 +554,7 @@ def well_qc_panels(
                     f"ROI {fov!r} lies outside the image {ref_url!r} or {url!r} at "
                     f"level {level_path}; check the ROI table {input_roi_table!r}."
                 )
-            boxes = _common_shape(*boxes)
+            boxes = crop_to_common(*boxes)
             ref_pixels, acq_pixels = (read(b) for read, b in zip(readers, boxes))
             panels[fov, path] = _make_panel(
                 fov,
