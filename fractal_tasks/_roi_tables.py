@@ -7,6 +7,7 @@ micrometres, the shift that moves the acquisition onto the reference.
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 from collections.abc import Mapping
@@ -21,6 +22,25 @@ from fractal_tasks._geometry import SPATIAL_AXES
 from fractal_tasks._replace import replace_directory
 
 TRANSLATION_COLUMNS = {axis: f"translation_{axis}" for axis in SPATIAL_AXES}
+_OUR_COLUMN_PREFIXES = ("'translation_", "'registration_")
+
+
+def _quiet_about_our_columns(record: logging.LogRecord) -> bool:
+    """Drop ngio's warning that our documented columns are outside its spec.
+
+    ngio warns on every read of a table with extra columns; for the columns
+    this package writes on purpose, that only buries the task's own log.
+    """
+    message = record.getMessage()
+    return not (
+        "is not part of the ROI table specification" in message
+        and any(prefix in message for prefix in _OUR_COLUMN_PREFIXES)
+    )
+
+
+logging.getLogger("ngio:ngio.tables.v1._roi_table").addFilter(
+    _quiet_about_our_columns
+)
 
 
 def load_rois(container: OmeZarrContainer, table: str, zarr_url: str) -> list[Roi]:
