@@ -12,8 +12,8 @@ under its aside-name, which the next run of the task restores.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
+import functools
 import logging
 import os
 import shutil
@@ -27,12 +27,16 @@ _RENAME_EXCHANGE = 2
 _ASIDE = ".replaced"
 
 
+@functools.cache
 def _renameat2():
-    """The libc ``renameat2`` function, or None where it does not exist."""
+    """The libc ``renameat2`` function, or None where it does not exist.
+
+    Looked up once, in the libc already loaded into the process: resolving a
+    library by name would run ``ldconfig`` in a subprocess on every call.
+    """
     if not sys.platform.startswith("linux"):
         return None
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    function = getattr(libc, "renameat2", None)
+    function = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
     if function is not None:
         function.argtypes = [
             ctypes.c_int,
