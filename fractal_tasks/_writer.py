@@ -1,19 +1,29 @@
-"""Stream registered windows into a new pyramid, in bounded chunk-aligned tiles.
+"""Stream registered windows into a new pyramid, chunk by chunk, in flat memory.
 
-The new image starts empty (unwritten chunks read as zero). Level 0 is written
-tile by tile: a tile is a whole number of chunks, so no two writers ever share a
-chunk, and a tile that no window touches is never written. Each tile's level-1
-block is computed from the tile already in memory; coarser levels are computed
-from the level just above them. Memory is a few tiles per worker, whatever the
-size of the well.
+The new image starts empty (unwritten chunks read as zero). Level 0 is built in
+*units*: one or a few whole chunks, so no two writers ever share a chunk, and a
+unit that no window touches is never written. Each unit reads its windows from
+decoded source chunks kept in a small shared cache (bounded in bytes; a chunk is
+dropped as soon as no later unit needs it), so every source chunk is decoded
+about once even when the windows are not chunk-aligned.
+
+Coarser levels are built from data still in memory: each unit is reduced into
+the chunk of the level below that contains it; when that chunk has received all
+its parts it is written, and reduced in turn into the next level. Units are
+visited in Z order (Morton order) over the downsampled axes, so only a few
+chunks per level are ever incomplete, whatever the size of the well. Levels
+whose chunks do not line up with the level above are computed afterwards from
+the level above, read back tile by tile.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,7 +33,12 @@ import zarr
 from fractal_tasks._geometry import Box
 
 Aggregation = Literal["mean", "nearest"]
-TILE_BYTES = 32 * 2**20  # upper bound of one tile in memory
+TILE_BYTES = 32 * 2**20  # upper bound of one read-back tile in memory
+UNIT_BYTES = 4 * 2**20  # level-0 units grow (by whole chunks) up to this size
+CACHE_BYTES = 32 * 2**20  # decoded source chunks kept for later units
+
+Index = tuple[int, ...]
+Region = tuple[slice, ...]
 
 
 @dataclass(frozen=True)
@@ -39,10 +54,12 @@ def downsample(
 ) -> np.ndarray:
     """Reduce ``block`` by integer ``factors`` per axis.
 
-    ``mean`` averages each factor-sized cell (rounded to the nearest integer for
-    integer dtypes), for intensities; ``nearest`` keeps the first pixel of each
-    cell, so label values are preserved exactly. An axis whose length is not a
-    multiple of its factor is padded by repeating its last pixel.
+    ``mean`` averages each factor-sized cell, for intensities; integer dtypes
+    are rounded to the nearest integer, halves to even (as ``np.rint``), so a
+    2x2 mean of ``1, 2, 3, 4`` gives 2 and of ``3, 4, 5, 6`` gives 4.
+    ``nearest`` keeps the first pixel of each cell, so label values are
+    preserved exactly. An axis whose length is not a multiple of its factor is
+    padded by repeating its last pixel.
     """
     if all(f == 1 for f in factors):
         return block
@@ -51,6 +68,10 @@ def downsample(
         block = np.pad(block, pad, mode="edge")
     if kind == "nearest":
         return block[tuple(slice(None, None, f) for f in factors)]
+    cells = math.prod(factors)
+    wide = _exact_sum_dtype(block.dtype, cells)
+    if wide is not None:
+        return _integer_mean(block, factors, cells, wide)
     split = []
     for n, f in zip(block.shape, factors):
         split += [n // f, f]
@@ -60,18 +81,81 @@ def downsample(
     return mean.astype(block.dtype)
 
 
+def _exact_sum_dtype(dtype: np.dtype, cells: int) -> np.dtype | None:
+    """An integer dtype that holds the sum of ``cells`` values exactly, if any.
+
+    Only for power-of-two cells, where the rounded mean is an exact shift.
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "ui" or cells & (cells - 1) or dtype.itemsize > 4:
+        return None
+    bits = dtype.itemsize * 8 + cells.bit_length()
+    if bits <= 32:
+        return np.dtype(np.int32 if dtype.kind == "i" or bits == 32 else np.uint32)
+    return np.dtype(np.int64)
+
+
+def _integer_mean(
+    block: np.ndarray, factors: Sequence[int], cells: int, wide: np.dtype
+) -> np.ndarray:
+    """The rounded mean of ``downsample``, with integer arithmetic only.
+
+    With ``s`` the exact sum of ``n = 2**k`` values, ``q = s >> k`` and
+    ``r = s - q * n``, ``np.rint(s / n)`` is ``q`` plus one when ``r > n / 2``,
+    or ``r == n / 2`` and ``q`` is odd; that is
+    ``(s + n / 2 - 1 + (q & 1)) >> k``.
+    """
+    shift = cells.bit_length() - 1
+    total = None
+    for offsets in itertools.product(*(range(f) for f in factors)):
+        part = block[tuple(slice(o, None, f) for o, f in zip(offsets, factors))]
+        if total is None:
+            total = part.astype(wide)
+        else:
+            total += part
+    odd = total >> shift
+    odd &= 1
+    total += cells // 2 - 1
+    total += odd
+    del odd
+    total >>= shift
+    return total.astype(block.dtype)
+
+
 def _tile_shape(array: zarr.Array, factors: Sequence[int]) -> tuple[int, ...]:
     """Whole chunks, times the downsampling factor, grown in y/x up to TILE_BYTES."""
-    tile = [c * f for c, f in zip(array.chunks, factors)]
-    item = np.dtype(array.dtype).itemsize
-    for axis in itertools.cycle(range(array.ndim - 1, max(array.ndim - 3, -1), -1)):
-        if math.prod(tile) * item * 2 > TILE_BYTES or all(
-            t >= n for t, n in zip(tile[-2:], array.shape[-2:])
-        ):
-            break
-        if tile[axis] < array.shape[axis]:
+    return _grow(array.chunks, array.shape, factors, array.dtype, TILE_BYTES // 2)
+
+
+def _grow(
+    chunks: Sequence[int],
+    shape: Sequence[int],
+    factors: Sequence[int],
+    dtype,
+    limit: int,
+    cap: Sequence[int] | None = None,
+) -> tuple[int, ...]:
+    """``chunks * factors``, doubled along the last two axes while under ``limit``.
+
+    An axis grows no further than ``cap`` (default: the array's extent). The
+    result depends on the array's shape only where it reaches the array's
+    extent, so memory stays flat as the array grows.
+    """
+    tile = [c * f for c, f in zip(chunks, factors)]
+    cap = shape if cap is None else cap
+    item = np.dtype(dtype).itemsize
+    axes = [a for a in (len(tile) - 1, len(tile) - 2) if a >= 0]
+    while True:
+        grown = False
+        for axis in axes:
+            if tile[axis] >= shape[axis] or tile[axis] * 2 > cap[axis]:
+                continue
+            if math.prod(tile) * item * 2 > limit:
+                return tuple(tile)
             tile[axis] *= 2
-    return tuple(tile)
+            grown = True
+        if not grown:
+            return tuple(tile)
 
 
 def _tiles(shape: Sequence[int], tile: Sequence[int]) -> Iterator[tuple[slice, ...]]:
@@ -81,7 +165,7 @@ def _tiles(shape: Sequence[int], tile: Sequence[int]) -> Iterator[tuple[slice, .
         yield tuple(slice(o, min(o + t, n)) for o, t, n in zip(origin, tile, shape))
 
 
-def _run(jobs: Callable[[tuple[slice, ...]], None], tiles, workers: int) -> None:
+def _run(jobs: Callable, tiles: Iterable, workers: int) -> None:
     """Run one job per tile on ``workers`` threads; re-raise the first error."""
     if workers <= 1:
         for tile in tiles:
@@ -90,6 +174,182 @@ def _run(jobs: Callable[[tuple[slice, ...]], None], tiles, workers: int) -> None
     with ThreadPoolExecutor(workers) as pool:
         for _ in pool.map(jobs, tiles):
             pass
+
+
+def _morton(index: Sequence[int]) -> int:
+    """Z-order key of a grid index: interleave the bits of its coordinates."""
+    key, bit, rest = 0, 0, list(index)
+    while any(rest):
+        for i, value in enumerate(rest):
+            key |= (value & 1) << (bit + i)
+            rest[i] = value >> 1
+        bit += len(rest)
+    return key
+
+
+def _region(index: Index, unit: Sequence[int], shape: Sequence[int]) -> Region:
+    return tuple(
+        slice(i * u, min((i + 1) * u, n)) for i, u, n in zip(index, unit, shape)
+    )
+
+
+class _ChunkCache:
+    """Decoded source chunks shared by threads, each decoded about once.
+
+    ``uses`` counts, per chunk, the units still to read it; a chunk is dropped
+    when that reaches zero, and least recently used chunks are dropped beyond
+    ``limit`` bytes (and decoded again if a later unit needs them).
+    """
+
+    def __init__(self, array: zarr.Array, uses: dict[Index, int], limit: int):
+        self._array = array
+        self._uses = uses
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[Index, Future] = OrderedDict()
+        self._bytes = math.prod(array.chunks) * np.dtype(array.dtype).itemsize
+
+    def get(self, index: Index) -> np.ndarray:
+        with self._lock:
+            future = self._entries.get(index)
+            owner = future is None
+            if owner:
+                future = Future()
+                self._entries[index] = future
+                while len(self._entries) * self._bytes > self._limit and (
+                    len(self._entries) > 1
+                ):
+                    self._entries.popitem(last=False)
+            else:
+                self._entries.move_to_end(index)
+        if owner:
+            try:
+                region = _region(index, self._array.chunks, self._array.shape)
+                future.set_result(np.asarray(self._array[region]))
+            except BaseException as error:
+                future.set_exception(error)
+                with self._lock:
+                    self._entries.pop(index, None)
+                raise
+        return future.result()
+
+    def release(self, index: Index) -> None:
+        with self._lock:
+            self._uses[index] -= 1
+            if self._uses[index] <= 0:
+                del self._uses[index]
+                self._entries.pop(index, None)
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Part of one window: ``source`` region -> ``put`` slices of a unit block."""
+
+    chunk: Index  # source chunk index
+    read: Region  # inside that decoded chunk
+    put: Region  # inside the unit's block
+
+
+class _Pyramid:
+    """Accumulate each level's chunks from parts of the level above, then write.
+
+    Level ``k`` (``k >= 1``) receives reduced blocks of level ``k - 1``; a chunk
+    of level ``k`` is written once all its parts arrived (unless none of them
+    held data: it then stays unwritten, i.e. zero), then reduced into level
+    ``k + 1``. Exactly one thread completes each chunk, so each chunk has one
+    writer.
+    """
+
+    def __init__(self, levels, factors, unit: Sequence[int], kind: Aggregation):
+        self.levels = levels
+        self.factors = factors
+        self.kind = kind
+        self.units = [tuple(unit)] + [tuple(a.chunks) for a in levels[1:]]
+        self._lock = threading.Lock()
+        self._open: list[dict[Index, list]] = [{} for _ in levels]
+        self._counts = [None] + [self._expected(k) for k in range(1, len(levels))]
+
+    def _expected(self, k: int) -> list[list[int]]:
+        """Per axis, how many parts each chunk of level ``k`` receives."""
+        counts = []
+        above_unit, above_shape = self.units[k - 1], self.levels[k - 1].shape
+        for axis in range(len(above_shape)):
+            n_above = math.ceil(above_shape[axis] / above_unit[axis])
+            n_here = math.ceil(self.levels[k].shape[axis] / self.units[k][axis])
+            per = [0] * n_here
+            for i in range(n_above):
+                j = self._child(k, axis, i)
+                if j < n_here:
+                    per[j] += 1
+            counts.append(per)
+        return counts
+
+    def _child(self, k: int, axis: int, i: int) -> int:
+        start = i * self.units[k - 1][axis] // self.factors[k - 1][axis]
+        return start // self.units[k][axis]
+
+    @staticmethod
+    def fusable(levels, factors, unit: Sequence[int]) -> int:
+        """How many levels below level 0 can be built from blocks in memory."""
+        above = tuple(unit)
+        for k in range(1, len(levels)):
+            n_above, n_here = levels[k - 1].shape, levels[k].shape
+            here = levels[k].chunks
+            for u, f, c, na, nh in zip(above, factors[k - 1], here, n_above, n_here):
+                if u >= na:  # one block along this axis covers the whole level
+                    if nh > c:
+                        return k - 1
+                    continue
+                if u % f or c % (u // f):
+                    return k - 1
+            above = here
+        return len(levels) - 1
+
+    def add(self, k: int, index: Index, block: np.ndarray | None) -> None:
+        """Give level ``k`` the block (``None``: all zero) of unit ``index`` above."""
+        if k >= len(self.levels):
+            return
+        above = self.units[k - 1]
+        shape = self.levels[k].shape
+        child = tuple(self._child(k, a, i) for a, i in enumerate(index))
+        if any(c * u >= n for c, u, n in zip(child, self.units[k], shape)):
+            return  # falls beyond the (cropped) level
+        region = _region(child, self.units[k], shape)
+        if block is not None:
+            down = downsample(block, self.factors[k - 1], self.kind)
+            start = [
+                i * u // f - r.start
+                for i, u, f, r in zip(index, above, self.factors[k - 1], region)
+            ]
+            put = tuple(
+                slice(s, min(s + n, r.stop - r.start))
+                for s, n, r in zip(start, down.shape, region)
+            )
+            down = down[tuple(slice(0, p.stop - p.start) for p in put)]
+        with self._lock:
+            entry = self._open[k].get(child)
+            if entry is None:
+                entry = [None, 0]  # buffer (None while all zero), parts received
+                self._open[k][child] = entry
+            if block is not None and entry[0] is None:
+                entry[0] = np.zeros([r.stop - r.start for r in region], down.dtype)
+            buffer = entry[0]
+        if block is not None:
+            buffer[put] = down
+        expected = math.prod(c[j] for c, j in zip(self._counts[k], child))
+        with self._lock:
+            entry[1] += 1
+            done = entry[1] == expected
+            if done:
+                del self._open[k][child]
+                buffer = entry[0]  # another thread may have brought the data
+        if not done:
+            return
+        if buffer is not None and not buffer.any():
+            buffer = None  # all zero: leave the chunk unwritten
+        if buffer is not None:
+            self.levels[k][region] = buffer
+        self.add(k + 1, child, buffer)
 
 
 def write_windows(
@@ -113,69 +373,131 @@ def write_windows(
         factors: Per level after the first, the integer factor per axis from
             the level above (e.g. ``(1, 1, 2, 2)``).
         kind: ``"mean"`` for intensities, ``"nearest"`` for labels.
-        workers: Threads to use; each works on its own tiles.
+        workers: Threads to use; each works on its own units.
     """
+    if source.shape != levels[0].shape:
+        raise ValueError(f"Shapes differ: {source.shape} vs {levels[0].shape}.")
+    levels = [_eager(a) for a in list(levels)[: len(factors) + 1]]
     target = levels[0]
-    if source.shape != target.shape:
-        raise ValueError(f"Shapes differ: {source.shape} vs {target.shape}.")
-    first = factors[0] if factors else (1,) * target.ndim
-    fuse = len(levels) > 1
-    tile_shape = _tile_shape(target, first)
+    # Units of whole chunks; no larger than one chunk of level 1 (per factor),
+    # so that each unit reduces into a single chunk of level 1.
+    cap = target.shape
+    if len(levels) > 1:
+        cap = [
+            max(c, c1 * f)
+            for c, c1, f in zip(target.chunks, levels[1].chunks, factors[0])
+        ]
+    unit = _grow(
+        target.chunks, target.shape, [1] * target.ndim, target.dtype, UNIT_BYTES, cap
+    )
+    fused = _Pyramid.fusable(levels, factors, unit)
+    pyramid = _Pyramid(levels[: fused + 1], factors, unit, kind)
+    plan, full = _plan(source, target.shape, axes, pairs, unit)
+    uses: dict[Index, int] = {}
+    for pieces in plan.values():
+        for chunk in {p.chunk for p in pieces}:
+            uses[chunk] = uses.get(chunk, 0) + 1
+    cache = _ChunkCache(source, uses, CACHE_BYTES)
+    grid = [math.ceil(n / u) for n, u in zip(target.shape, unit)]
+    scaled = [any(f[a] > 1 for f in factors) for a in range(target.ndim)]
 
-    def copy_tile(tile: tuple[slice, ...]) -> None:
-        region = {axis: s for axis, s in zip(axes, tile)}
+    def order(index: Index):
+        outer = tuple(i for i, s in zip(index, scaled) if not s)
+        return outer, _morton([i for i, s in zip(index, scaled) if s])
+
+    units = sorted(itertools.product(*(range(g) for g in grid)), key=order)
+
+    def build(index: Index) -> None:
+        region = _region(index, unit, target.shape)
+        pieces = plan.get(index)
         block = None
-        for pair in pairs:
-            spatial = pair.target.slices()
-            inside = {
-                a: slice(max(s.start, region[a].start), min(s.stop, region[a].stop))
-                for a, s in spatial.items()
-            }
-            if any(s.start >= s.stop for s in inside.values()):
-                continue
-            if block is None:
-                block = np.zeros([s.stop - s.start for s in tile], target.dtype)
-            offset = dict(zip(pair.target.axes, pair.source.start))
-            read, put = [], []
-            for axis, s in zip(axes, tile):
-                if axis in inside:
-                    i = inside[axis]
-                    start = offset[axis] - spatial[axis].start
-                    read.append(slice(i.start + start, i.stop + start))
-                    put.append(slice(i.start - s.start, i.stop - s.start))
-                else:
-                    read.append(s)
-                    put.append(slice(None))
-            block[tuple(put)] = source[tuple(read)]
-        if block is None:
-            return
-        target[tile] = block
-        if fuse:
-            down = downsample(block, first, kind)
-            below = tuple(
-                slice(s.start // f, s.start // f + n)
-                for s, f, n in zip(tile, first, down.shape)
-            )
-            below = tuple(
-                slice(b.start, min(b.stop, n)) for b, n in zip(below, levels[1].shape)
-            )
-            levels[1][below] = down[tuple(slice(0, b.stop - b.start) for b in below)]
+        if pieces:
+            shape = [r.stop - r.start for r in region]
+            # No zero fill where one window covers the whole unit.
+            block = (np.empty if index in full else np.zeros)(shape, target.dtype)
+            decoded = {p.chunk: None for p in pieces}
+            for chunk in decoded:
+                decoded[chunk] = cache.get(chunk)
+            for piece in pieces:  # in window order: a later window wins
+                block[piece.put] = decoded[piece.chunk][piece.read]
+            for chunk in decoded:
+                cache.release(chunk)
+            del decoded
+            if block.any():
+                target[region] = block
+            else:
+                block = None  # all zero: leave the chunks unwritten
+        pyramid.add(1, index, block)
 
-    fuse = fuse and _fusable(levels[1], tile_shape, first)
-    _run(copy_tile, _tiles(target.shape, tile_shape), workers)
-    start = 2 if fuse else 1
-    for level in range(start, len(levels)):
+    _run(build, units, workers)
+    for level in range(fused + 1, len(levels)):
         downsample_level(
             levels[level - 1], levels[level], factors[level - 1], kind, workers
         )
 
 
-def _fusable(below: zarr.Array, tile: Sequence[int], factors: Sequence[int]) -> bool:
-    """Whether each level-0 tile maps onto whole chunks of the level below."""
-    return all(
-        (t // f) % c == 0 or t // f >= n
-        for t, f, c, n in zip(tile, factors, below.chunks, below.shape)
-    )
+def _eager(array: zarr.Array) -> zarr.Array:
+    """The array, writing every chunk it is given without comparing it to zero.
+
+    Zarr otherwise compares each chunk with the fill value on its single event
+    loop thread, which serialises the workers; the writers here skip all-zero
+    blocks themselves, in parallel.
+    """
+    return array.with_config({"write_empty_chunks": True})
+
+
+def _plan(
+    source: zarr.Array,
+    shape: Sequence[int],
+    axes: Sequence[str],
+    pairs: Sequence[WindowPair],
+    unit: Sequence[int],
+) -> tuple[dict[Index, list[_Piece]], set[Index]]:
+    """Per level-0 unit, the pieces of source chunks that fill it.
+
+    Also returns the units that a single window covers entirely.
+    """
+    plan: dict[Index, list[_Piece]] = {}
+    full: set[Index] = set()
+    chunks = source.chunks
+    for pair in pairs:
+        target = pair.target.slices()
+        offset = dict(zip(pair.target.axes, pair.source.start))
+        # Window extent per array axis, and source - target offset per axis.
+        extent, delta = [], []
+        for axis, n in zip(axes, shape):
+            if axis in target:
+                extent.append((target[axis].start, target[axis].stop))
+                delta.append(offset[axis] - target[axis].start)
+            else:
+                extent.append((0, n))
+                delta.append(0)
+        # Split the window at unit edges (in target) and chunk edges (in source).
+        cuts = []
+        for (a, b), d, u, c in zip(extent, delta, unit, chunks):
+            edges = {a, b}
+            edges.update(range((a // u + 1) * u, b, u))
+            edges.update(e - d for e in range(((a + d) // c + 1) * c, b + d, c))
+            edges = sorted(edges)
+            cuts.append(list(zip(edges, edges[1:])))
+        covered: dict[Index, int] = {}
+        for part in itertools.product(*cuts):
+            index = tuple(a // u for (a, _), u in zip(part, unit))
+            chunk = tuple((a + d) // c for (a, _), d, c in zip(part, delta, chunks))
+            put = tuple(
+                slice(a - i * u, b - i * u) for (a, b), i, u in zip(part, index, unit)
+            )
+            read = tuple(
+                slice(a + d - j * c, b + d - j * c)
+                for (a, b), d, j, c in zip(part, delta, chunk, chunks)
+            )
+            plan.setdefault(index, []).append(_Piece(chunk, read, put))
+            covered[index] = covered.get(index, 0) + math.prod(b - a for a, b in part)
+        for index, volume in covered.items():
+            region = _region(index, unit, shape)
+            if volume == math.prod(r.stop - r.start for r in region):
+                full.add(index)
+    return plan, full
 
 
 def downsample_level(
@@ -187,6 +509,7 @@ def downsample_level(
 ) -> None:
     """Compute one pyramid level from the level above it, tile by tile."""
     tile_shape = _tile_shape(below, (1,) * below.ndim)
+    below = _eager(below)
 
     def reduce_tile(tile: tuple[slice, ...]) -> None:
         read = tuple(

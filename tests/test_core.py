@@ -122,3 +122,73 @@ def test_recover_restores_an_interrupted_fallback_replace(tmp_path):
     assert (tmp_path / "img" / "a").read_text() == "old"
     assert not aside.exists()
     os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "dtype", [np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32]
+)
+@pytest.mark.parametrize("factors", [(2, 2), (1, 2), (2, 2, 2), (4, 4), (3, 2)])
+def test_downsample_integer_mean_equals_rounded_float_mean(dtype, factors):
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(1)
+    shape = (6, 9, 10)[-len(factors) :]
+    block = rng.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
+    block.flat[::3] = info.max  # extremes and many .5 ties
+    block.flat[1::5] = info.min
+    padded = np.pad(
+        block, [(0, (-n) % f) for n, f in zip(block.shape, factors)], mode="edge"
+    )
+    split = [x for n, f in zip(padded.shape, factors) for x in (n // f, f)]
+    want = np.rint(
+        padded.reshape(split).mean(axis=tuple(range(1, 2 * block.ndim, 2)))
+    ).astype(dtype)
+    np.testing.assert_array_equal(downsample(block, factors, "mean"), want)
+
+
+@pytest.mark.parametrize("chunks", [(1, 8, 8), (1, 7, 9), (2, 32, 64)])
+@pytest.mark.parametrize("kind", ["mean", "nearest"])
+def test_write_windows_overlaps_odd_chunks_and_labels(tmp_path, chunks, kind):
+    rng = np.random.default_rng(2)
+    dtype = np.uint16 if kind == "mean" else np.uint32
+    source = rng.integers(0, 60000, (2, 41, 67)).astype(dtype)
+    src = zarr.create_array(tmp_path / "s", data=source, chunks=(1, 10, 12))
+    shapes = [(2, 41, 67), (2, 21, 34), (2, 10, 17), (2, 5, 9)]
+    pairs = [  # the second overlaps the first and wins; the third covers a lot
+        WindowPair(
+            Box(("y", "x"), (0, 0), (30, 40)), Box(("y", "x"), (5, 3), (35, 43))
+        ),
+        WindowPair(
+            Box(("y", "x"), (11, 20), (31, 50)), Box(("y", "x"), (1, 30), (21, 60))
+        ),
+        WindowPair(
+            Box(("y", "x"), (1, 2), (41, 66)), Box(("y", "x"), (0, 0), (40, 64))
+        ),
+    ][: 2 if chunks[1] == 7 else 3]
+    for workers in (1, 2):
+        levels = [
+            zarr.create_array(
+                tmp_path / f"w{workers}l{i}",
+                shape=s,
+                dtype=dtype,
+                chunks=chunks,
+                fill_value=0,
+            )
+            for i, s in enumerate(shapes)
+        ]
+        write_windows(
+            src,
+            levels,
+            ("c", "y", "x"),
+            pairs,
+            [(1, 2, 2)] * 3,
+            kind=kind,
+            workers=workers,
+        )
+        want = np.zeros_like(source)
+        for p in pairs:
+            t, s = p.target.slices(), p.source.slices()
+            want[:, t["y"], t["x"]] = source[:, s["y"], s["x"]]
+        for level in levels:
+            got = level[:]
+            np.testing.assert_array_equal(got, want[:, : got.shape[1], : got.shape[2]])
+            want = downsample(want, (1, 2, 2), kind)
