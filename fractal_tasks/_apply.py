@@ -100,15 +100,13 @@ def _read_tables(plan_acq, plan_ref, acq_url, ref_url) -> dict[str, str]:
     """
     tables: dict[str, str] = {}
     sources = [(name, plan_ref, ref_url) for name in _roi_tables(plan_ref, ref_url)]
-    roi_names = {name for name, _, _ in sources}
+    skip = {name for name, _, _ in sources} | set(_roi_tables(plan_acq, acq_url))
     sources += [
-        (name, plan_acq, acq_url)
-        for name in plan_acq.list_tables()
-        if name not in roi_names and name not in _roi_tables(plan_acq, acq_url)
+        (name, plan_acq, acq_url) for name in plan_acq.list_tables() if name not in skip
     ]
     for name, container, url in sources:
         try:
-            container.get_table(name).dataframe  # noqa: B018 (readable?)
+            container.get_table(name)  # raises for a backend ngio cannot read
         except Exception as error:
             raise RegistrationInputError(
                 f"Cannot read table {name!r} of {url!r}: {error}. Its backend must "
