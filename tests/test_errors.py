@@ -402,3 +402,23 @@ def test_registered_roi_outside_the_image(make_plate):
             zarr_url=url, registered_roi_table="FOV_ROI_table_registered"
         ),
     )
+
+
+def test_image_outside_an_hcs_well(tmp_path):
+    import numpy as np
+    from ngio import create_ome_zarr_from_array
+
+    lone = tmp_path / "lone" / "images" / "img.zarr"
+    create_ome_zarr_from_array(
+        str(lone),
+        np.zeros((32, 32), np.uint16),
+        pixelsize=0.5,
+        axes_names="yx",
+        levels=1,
+    )
+    before = tree_hash(lone.parent)
+    with pytest.raises(RegistrationInputError, match="no valid OME-Zarr well metadata"):
+        apply_registration_to_image(
+            zarr_url=str(lone), registered_roi_table="FOV_ROI_table_registered"
+        )
+    assert tree_hash(lone.parent) == before

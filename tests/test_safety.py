@@ -24,7 +24,7 @@ from fractal_tasks.apply_registration_to_image import apply_registration_to_imag
 
 TABLE = "FOV_ROI_table_registered"
 CTX = multiprocessing.get_context("forkserver")
-CTX.set_forkserver_preload(["fractal_tasks.apply_registration_to_image"])
+CTX.set_forkserver_preload(["test_safety"])  # children start with it imported
 
 
 def _apply(url, overwrite, barrier=None):
@@ -58,7 +58,7 @@ def prepared(tmp_path_factory):
         fovs=(2, 2),
         fov_shape=(128, 160),
         levels=3,
-        chunks=(1, 1, 32, 32),
+        chunks=(1, 1, 64, 80),
         seed=5,
     )
     calculate(plate)
