@@ -175,8 +175,13 @@ def estimate_rois(
 
     names = list(reference_rois)
     started = time.perf_counter()
+    estimates = {}
+    step = max(1, len(names) // 10)
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        estimates = dict(zip(names, pool.map(one, names)))
+        for done, (name, estimate) in enumerate(zip(names, pool.map(one, names)), 1):
+            estimates[name] = estimate
+            if done % step == 0 and done < len(names):
+                logger.info("Estimated %d/%d ROI shifts.", done, len(names))
     elapsed = time.perf_counter() - started
     logger.info(
         "Estimated %d ROI shift(s) at level %s in %.2f s (%.3f s per ROI).",

@@ -19,8 +19,10 @@ the level above, read back tile by tile.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,6 +33,8 @@ import numpy as np
 import zarr
 
 from fractal_tasks._geometry import Box
+
+logger = logging.getLogger(__name__)
 
 Aggregation = Literal["mean", "nearest"]
 TILE_BYTES = 32 * 2**20  # upper bound of one read-back tile in memory
@@ -165,15 +169,39 @@ def _tiles(shape: Sequence[int], tile: Sequence[int]) -> Iterator[tuple[slice, .
         yield tuple(slice(o, min(o + t, n)) for o, t, n in zip(origin, tile, shape))
 
 
-def _run(jobs: Callable, tiles: Iterable, workers: int) -> None:
-    """Run one job per tile on ``workers`` threads; re-raise the first error."""
+def _run(jobs: Callable, tiles: Iterable, workers: int, what: str = "") -> None:
+    """Run one job per tile on ``workers`` threads; re-raise the first error.
+
+    With ``what``, progress is logged at the end and, on long runs, at every
+    tenth of the tiles (at most every 5 s).
+    """
+    tiles = list(tiles)
+    step = max(1, math.ceil(len(tiles) / 10))
+    started = last = time.perf_counter()
+
+    def report(done: int) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        final = done == len(tiles)
+        if what and (final or (done % step == 0 and now - last >= 5.0)):
+            last = now
+            logger.info(
+                "%s: %d/%d blocks (%d%%), %.1f s.",
+                what,
+                done,
+                len(tiles),
+                100 * done // len(tiles),
+                now - started,
+            )
+
     if workers <= 1:
-        for tile in tiles:
+        for done, tile in enumerate(tiles, 1):
             jobs(tile)
+            report(done)
         return
     with ThreadPoolExecutor(workers) as pool:
-        for _ in pool.map(jobs, tiles):
-            pass
+        for done, _ in enumerate(pool.map(jobs, tiles), 1):
+            report(done)
 
 
 def _morton(index: Sequence[int]) -> int:
@@ -429,7 +457,7 @@ def write_windows(
                 block = None  # all zero: leave the chunks unwritten
         pyramid.add(1, index, block)
 
-    _run(build, units, workers)
+    _run(build, units, workers, f"Level 0 and pyramid of {target.shape}")
     for level in range(fused + 1, len(levels)):
         downsample_level(
             levels[level - 1], levels[level], factors[level - 1], kind, workers
