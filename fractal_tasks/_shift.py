@@ -18,9 +18,10 @@ Conventions used throughout the module:
 
 Algorithm of :func:`estimate_shift` (phase correlation, sub-pixel peak):
 
-1. Both images are clipped to intensity quantiles (robust against a few very
-   bright pixels, debris, saturation), mean-subtracted and multiplied by a
-   separable Tukey window (longer ramps on short axes such as z), which
+1. Both images are rescaled by intensity quantiles, values above the upper
+   quantile compressed logarithmically (robust against very bright debris,
+   yet keeping the profile of bright nuclei), mean-subtracted and multiplied
+   by a separable Tukey window (longer ramps on short axes such as z), which
    removes the artificial edges the periodic FFT would otherwise see.
 2. The cross-power spectrum is computed with real, single-precision FFTs
    (``scipy.fft``), whitened (phase correlation) and weighted by a Gaussian
@@ -41,11 +42,12 @@ Algorithm of :func:`estimate_shift` (phase correlation, sub-pixel peak):
    ``1 / upsample_factor`` px around the estimate, each time moving to the
    maximum of a quadratic fitted to the log of those values.
 
-Measured with ``benchmarks/shift_accuracy.py`` (realistic synthetic FOVs,
-540x640 px at pyramid level 2): median error ~0.01 px at that level
-(~0.04 px at level 0), worst case ~0.03 px (0.12 px at level 0), at a cost
-of ~20 ms per FOV, less than plain ``phase_cross_correlation`` without
-upsampling.
+Measured with ``benchmarks/shift_accuracy.py`` (realistic synthetic FOVs
+at pyramid level 2, errors in level-0 px): 2D 540x640 px, median 0.04,
+worst 0.12 px (0.03 px at level 2) in ~18 ms per FOV; 3D 20x216x256 px,
+median 0.04-0.08, worst 0.38 px in ~50 ms; in both cases less time than
+plain ``skimage.registration.phase_cross_correlation`` without upsampling
+(23 / 55 ms), which is only accurate to whole pixels.
 """
 
 from __future__ import annotations
@@ -117,8 +119,9 @@ class ShiftEstimate:
             the shift that moves ``moving`` onto ``reference``, i.e.
             ``reference[p] ~= moving[p - shift]``. Axes of length 1 get 0.0.
         ncc_before: Normalized cross-correlation (Pearson coefficient, -1..1)
-            of the quantile-clipped reference and moving images without any
-            shift, over the whole arrays. NaN if either image is constant.
+            of the reference and moving images as prepared for registration
+            (quantile clipping / compression), without any shift, over the
+            whole arrays. NaN if either image is constant.
         ncc_after: The same coefficient over the overlapping part of the two
             images after applying ``shift`` rounded to whole pixels. NaN if
             either overlapping part is constant or the overlap is empty.
@@ -362,8 +365,17 @@ def signal_measure(image: np.ndarray) -> float:
 # --------------------------------------------------------------------------
 # preparation
 # --------------------------------------------------------------------------
-def _clip(x: np.ndarray, lower_q: float, upper_q: float) -> np.ndarray:
-    """Float32 copy of x clipped to its [lower_q, upper_q] quantiles, 0..1."""
+_SOFT_CLIP_SCALE = 2.0  # log compression scale above the upper quantile
+
+
+def _clip(x: np.ndarray, lower_q: float, upper_q: float, soft: bool) -> np.ndarray:
+    """Float32 copy of x rescaled so that its [lower_q, upper_q] quantiles -> 0..1.
+
+    Below the lower quantile values are clipped. Above the upper one they are
+    clipped too (``soft=False``) or compressed logarithmically: with
+    ``h = 2 * (hi - lo)``, ``x -> hi + h * log(1 + (x - hi) / h)``, which keeps
+    the shape of bright structures but tames debris much brighter than them.
+    """
     out = np.array(x, dtype=np.float32, copy=True)
     sample = _subsample(out)
     if lower_q <= 0.0 and upper_q >= 1.0:
@@ -377,12 +389,19 @@ def _clip(x: np.ndarray, lower_q: float, upper_q: float) -> np.ndarray:
             hi = float(out.max())
     if hi <= lo:  # quantile range collapsed: fall back to the full range
         lo, hi = float(out.min()), float(out.max())
-    np.clip(out, lo, hi, out=out)
-    if hi > lo:
-        out -= np.float32(lo)
-        out *= np.float32(1.0 / (hi - lo))
-    else:
+    if hi <= lo:  # constant image
         out[...] = 0.0
+        return out
+    np.maximum(out, np.float32(lo), out=out)
+    if soft:
+        above = out > hi
+        if above.any():
+            h = _SOFT_CLIP_SCALE * (hi - lo)
+            out[above] = hi + h * np.log1p((out[above] - hi) / h)
+    else:
+        np.minimum(out, np.float32(hi), out=out)
+    out -= np.float32(lo)
+    out *= np.float32(1.0 / (hi - lo))
     return out
 
 
@@ -549,6 +568,7 @@ def estimate_shift(
     method: RegistrationMethod = RegistrationMethod.PHASE_CROSS_CORRELATION,
     lower_rescale_quantile: float = 0.0,
     upper_rescale_quantile: float = 0.99,
+    soft_clip: bool = True,
     upsample_factor: int = 10,
     window_alpha: float = 0.2,
     whitening: float = 1.0,
@@ -573,12 +593,20 @@ def estimate_shift(
             below which values are clipped before registration. 0 = the
             minimum (no clipping).
         upper_rescale_quantile: Quantile (0..1) above which values are
-            clipped: 0.99 flattens the brightest 1% of pixels, so that a few
-            very bright objects (debris, saturated cells) do not dominate.
-            Must be larger than ``lower_rescale_quantile``. Estimated on a
-            regular subsample of at most ~65k pixels. If the two quantiles
+            compressed (``soft_clip``) or clipped, so that a few very bright
+            objects (debris, saturated cells) do not dominate. Must be
+            larger than ``lower_rescale_quantile``. Both quantiles are
+            estimated on a regular subsample of at most ~65k pixels. If they
             coincide (e.g. >99% of the image has one value) the full
             intensity range is used instead.
+        soft_clip: If True (default), values above the upper quantile ``hi``
+            are compressed logarithmically, ``hi + h * ln(1 + (x - hi) / h)``
+            with ``h = 2 * (hi - lo)``, instead of being clipped flat. Hard
+            clipping at 0.99 flattens the cores of bright nuclei and loses
+            their z profile: on the 3D benchmark 2% of FOVs then missed by
+            more than 0.5 px (worst 0.62 px), against none with soft
+            clipping (worst 0.38 px); 2D results are equal or better, also
+            with large debris 5-30x brighter than nuclei in one cycle.
         upsample_factor: Sub-pixel refinement. 1 = integer shifts only.
             Otherwise the correlation is re-evaluated (matrix-multiply DFT)
             at +-0.25 px and then at ``+-1 / upsample_factor`` px around the
@@ -669,10 +697,9 @@ def estimate_shift(
     signal = min(signal_measure(reference), signal_measure(moving))
 
     squeeze = tuple(n for n in full_shape if n > 1)
-    ref = _clip(
-        reference.reshape(squeeze), lower_rescale_quantile, upper_rescale_quantile
-    )
-    mov = _clip(moving.reshape(squeeze), lower_rescale_quantile, upper_rescale_quantile)
+    qs = (lower_rescale_quantile, upper_rescale_quantile, soft_clip)
+    ref = _clip(reference.reshape(squeeze), *qs)
+    mov = _clip(moving.reshape(squeeze), *qs)
     ncc_before = ncc(ref, mov)
 
     if len(squeeze) == 0:  # a single pixel
@@ -856,17 +883,27 @@ def _pcc(
     base = np.mod(peak, n)  # index into the periodic correlation surface
     first = peak + _gauss_fit_offsets(corr, base)
     if two_pass:
-        # The stationary window biases the peak towards 0 by a few 0.01 px.
-        # Correlating the overlapping parts, already aligned to the nearest
-        # pixel, leaves a residual < 1 px for which that bias vanishes.
-        a = np.rint(first).astype(int)
-        sr, sm = _overlap(ref.shape, a)
-        if min(ref[sr].shape) >= 8:
+        # The stationary window biases the peak towards 0 (a few 0.01 px in
+        # large images, up to ~0.5 px on short axes such as z). Correlating
+        # the overlapping parts, aligned to the nearest pixel, leaves a
+        # residual < 1 px for which that bias vanishes. If the residual comes
+        # out above half a pixel, the alignment is redone (at most twice).
+        x = first
+        for _ in range(3):
+            a = np.rint(x).astype(int)
+            sr, sm = _overlap(ref.shape, a)
+            if min(ref[sr].shape) < 8:
+                break
             r2, m2 = _fast_crop(ref[sr], mov[sm])
             spec2, _ = _correlate(r2, m2, surface=False, **opts)
-            res = _polish(spec2, r2.shape, first - a, upsample_factor)
-            if np.all(np.abs(res) < 1.0):
-                return a + res
+            res = _polish(spec2, r2.shape, x - a, upsample_factor)
+            if np.any(np.abs(res) >= 1.5):
+                break  # no peak near the first estimate: keep pass 1
+            x = a + res
+            if np.all(np.abs(res) <= 0.5):
+                return x
+        else:
+            return x
     # single pass (or overlap too small): polish on the first spectrum,
     # in the periodic coordinates of the correlation surface
     wrap = peak - base
