@@ -38,9 +38,7 @@ def _quiet_about_our_columns(record: logging.LogRecord) -> bool:
     )
 
 
-logging.getLogger("ngio:ngio.tables.v1._roi_table").addFilter(
-    _quiet_about_our_columns
-)
+logging.getLogger("ngio:ngio.tables.v1._roi_table").addFilter(_quiet_about_our_columns)
 
 
 def load_rois(container: OmeZarrContainer, table: str, zarr_url: str) -> list[Roi]:

@@ -48,7 +48,10 @@ def calculate_registration(
     For each ROI of `input_roi_table` (paired with the reference's ROI of the
     same name), the registration channel of both images is read at
     `level_path`, rescaled between the given intensity quantiles, and the shift
-    is estimated with subpixel precision. Each ROI then gets a verdict: a ROI
+    is estimated with subpixel precision (phase correlation with a window and
+    a low-pass, upsampled around the peak: about 0.05 px at full resolution
+    when reading level "2"). Time series (more than one time point) are
+    refused with an error. Each ROI then gets a verdict: a ROI
     with too little signal, no gain in correlation from the shift, a shift
     beyond `max_shift`, or a shift far from the other ROIs of the acquisition
     is a failure; its translation is replaced by the median of the good ROIs
@@ -79,8 +82,8 @@ def calculate_registration(
             each ROI are clipped before registration; must be below
             `upper_rescale_quantile`.
         upper_rescale_quantile: Intensities above this quantile (0 to 1) of
-            each ROI are clipped before registration, which tames bright
-            artifacts.
+            each ROI are compressed logarithmically before registration,
+            which tames bright debris yet keeps the profile of bright nuclei.
         input_roi_table: ROI table to register per row, e.g. `FOV_ROI_table`
             (one translation per field of view) or `well_ROI_table` (one for
             the whole well). Must exist in both images with the same ROI names.
