@@ -82,7 +82,21 @@ def channel_index(image, identifier: str, zarr_url: str) -> int:
     )
 
 
-def _reader(image, channel: int, zarr_url: str):
+def level_image(container: OmeZarrContainer, level_path: str, zarr_url: str):
+    """The image at pyramid level ``level_path``.
+
+    Raises:
+        RegistrationInputError: If the image has no such level.
+    """
+    if level_path not in container.level_paths:
+        raise RegistrationInputError(
+            f"level_path={level_path!r} does not exist in {zarr_url!r} (levels: "
+            f"{container.level_paths}). Choose one of them."
+        )
+    return container.get_image(path=level_path)
+
+
+def channel_reader(image, channel: int, zarr_url: str):
     """Function reading the registration channel of a box, as (z, y, x) or (y, x)."""
     axes = image.axes
     if "t" in axes and image.shape[axes.index("t")] > 1:
@@ -127,16 +141,12 @@ def estimate_rois(
         The estimate per ROI name and the pixel size in µm per spatial axis of
         that level.
     """
-    images = []
-    for container, url in zip((reference, acquisition), urls):
-        if level_path not in container.level_paths:
-            raise RegistrationInputError(
-                f"level_path={level_path!r} does not exist in {url!r} (levels: "
-                f"{container.level_paths}). Choose one of them."
-            )
-        images.append(container.get_image(path=level_path))
+    images = [
+        level_image(container, level_path, url)
+        for container, url in zip((reference, acquisition), urls)
+    ]
     readers = [
-        _reader(image, channel_index(image, wavelength_id, url), url)
+        channel_reader(image, channel_index(image, wavelength_id, url), url)
         for image, url in zip(images, urls)
     ]
     geometries = [spatial_geometry(image) for image in images]

@@ -41,8 +41,9 @@ from fractal_tasks._calculate import (
     NCC_AFTER_COLUMN,
     NCC_BEFORE_COLUMN,
     STATUS_COLUMN,
-    _reader,
     channel_index,
+    channel_reader,
+    level_image,
 )
 from fractal_tasks._errors import RegistrationInputError
 from fractal_tasks._geometry import SPATIAL_AXES, crop_to_common, roi_box
@@ -528,16 +529,12 @@ def well_qc_panels(
     for path, ref_path, rois, shifts, container in columns:
         ref_container, ref_rois = reference_cache[ref_path]
         ref_url, url = f"{well_url}/{ref_path}", f"{well_url}/{path}"
-        images = []
-        for c, u in ((ref_container, ref_url), (container, url)):
-            if level_path not in c.level_paths:
-                raise RegistrationInputError(
-                    f"level_path={level_path!r} does not exist in {u!r} (levels: "
-                    f"{c.level_paths}). Choose one of them, or leave it unset."
-                )
-            images.append(c.get_image(path=level_path))
+        images = [
+            level_image(c, level_path, u)
+            for c, u in ((ref_container, ref_url), (container, url))
+        ]
         readers = [
-            _reader(image, channel_index(image, wavelength_id, u), u)
+            channel_reader(image, channel_index(image, wavelength_id, u), u)
             for image, u in zip(images, (ref_url, url))
         ]
         geometries = [spatial_geometry(image) for image in images]
