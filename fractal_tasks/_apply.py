@@ -276,20 +276,18 @@ def _levels(container: OmeZarrContainer, getter) -> tuple[list, list]:
 def _write(source, target_container, getter, pairs, kind: Aggregation, workers) -> None:
     """Write windows and pyramid of one image or label into its new container."""
     arrays, factors = _levels(target_container, getter)
+    first = getter(target_container.level_paths[0])
     if len(factors) == len(arrays) - 1:
         write_windows(
-            source, arrays, getter("0").axes, pairs, factors, kind=kind, workers=workers
+            source, arrays, first.axes, pairs, factors, kind=kind, workers=workers
         )
         return
     # Pyramid steps that are not whole factors: let ngio interpolate them.
-    write_windows(
-        source, arrays[:1], getter("0").axes, pairs, [], kind=kind, workers=workers
-    )
-    image = getter("0")
+    write_windows(source, arrays[:1], first.axes, pairs, [], kind=kind, workers=workers)
     if kind == "mean":
-        image.consolidate(order="linear", mode="auto")
+        first.consolidate(order="linear", mode="auto")
     else:
-        image.consolidate(mode="auto")
+        first.consolidate(mode="auto")
 
 
 def _copy_tables(plan: ApplyPlan, scratch: Path) -> None:
@@ -332,8 +330,7 @@ def write_registered(plan: ApplyPlan, workers: int) -> None:
     for name, pairs in plan.label_pairs.items():
         started = time.perf_counter()
         label = plan.acquisition.get_label(name)
-        new_label = new.derive_label(name, ref_image=label, overwrite=True)
-        del new_label
+        new.derive_label(name, ref_image=label, overwrite=True)
         _write(
             label.zarr_array,
             new,
