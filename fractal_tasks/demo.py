@@ -9,6 +9,7 @@ prints, per FOV, the true and the recovered shift and where the outputs are.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import subprocess
@@ -25,6 +26,7 @@ import fractal_tasks
 from fractal_tasks.synthetic import REGISTRATION_WAVELENGTH, build_synthetic_plate
 
 PACKAGE_DIR = Path(fractal_tasks.__file__).parent
+_RUN_NUMBERS = itertools.count()  # next() on it is atomic under the GIL
 
 
 def run_task(executable: str, args: dict[str, Any], workdir: Path) -> Any:
@@ -34,7 +36,9 @@ def run_task(executable: str, args: dict[str, Any], workdir: Path) -> Any:
         RuntimeError: With the task's log if it fails.
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    stem = f"{Path(executable).stem}-{len(list(workdir.glob('*.args.json')))}"
+    # Unique per call: runs go in parallel threads, and two runs sharing an
+    # args file would both process the same image.
+    stem = f"{Path(executable).stem}-{next(_RUN_NUMBERS)}"
     args_path, out_path = workdir / f"{stem}.args.json", workdir / f"{stem}.out.json"
     args_path.write_text(json.dumps(args))
     done = subprocess.run(
