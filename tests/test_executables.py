@@ -18,12 +18,9 @@ def test_workflow_through_the_executables(make_plate, tmp_path):
         found = np.array([roi.model_extra[f"translation_{a}"] for a in "yx"])
         true = np.array(plate.true_translation_um(urls[1], roi.name)[1:])
         np.testing.assert_allclose(found, true, atol=0.5 * plate.pixel_size)
-    assert open_ome_zarr_well(plate.plate_url + "/B/03").paths() == [
-        "0",
-        "1",
-        "0_registered",
-        "1_registered",
-    ]
+    # the applies run in parallel: the well lists them in completion order
+    paths = open_ome_zarr_well(plate.plate_url + "/B/03").paths()
+    assert sorted(paths) == ["0", "0_registered", "1", "1_registered"]
 
 
 def test_failing_executable_reports_the_clear_error(make_plate, tmp_path):
