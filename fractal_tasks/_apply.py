@@ -30,9 +30,7 @@ from fractal_tasks._hcs import (
 )
 from fractal_tasks._replace import recover, replace_directory
 from fractal_tasks._roi_tables import (
-    by_name,
-    load_rois,
-    require_same_names,
+    load_paired_rois,
     slices_um,
     spatial_geometry,
 )
@@ -169,12 +167,8 @@ def plan_apply(
                 "Consensus' before 'Apply Registration to Image', and check the "
                 "table name."
             )
-    acq_rois = by_name(load_rois(acquisition, registered_roi_table, zarr_url))
-    ref_rois = by_name(load_rois(reference, registered_roi_table, reference_url))
-    require_same_names(
-        {reference_url: set(ref_rois), zarr_url: set(acq_rois)},
-        registered_roi_table,
-        reference_url,
+    ref_rois, acq_rois = load_paired_rois(
+        reference, acquisition, registered_roi_table, reference_url, zarr_url
     )
     geometry = spatial_geometry(acquisition.get_image())
     ref_geometry = spatial_geometry(reference.get_image())

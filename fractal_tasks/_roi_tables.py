@@ -105,6 +105,29 @@ def require_same_names(
             )
 
 
+def load_paired_rois(
+    reference: OmeZarrContainer,
+    acquisition: OmeZarrContainer,
+    table: str,
+    reference_url: str,
+    zarr_url: str,
+) -> tuple[dict[str, Roi], dict[str, Roi]]:
+    """ROIs of one table in the reference and an acquisition, keyed by name.
+
+    Raises:
+        RegistrationInputError: As ``load_rois``, or if the two tables do not
+            hold the same ROI names.
+    """
+    reference_rois = by_name(load_rois(reference, table, reference_url))
+    acquisition_rois = by_name(load_rois(acquisition, table, zarr_url))
+    require_same_names(
+        {reference_url: set(reference_rois), zarr_url: set(acquisition_rois)},
+        table,
+        reference_url,
+    )
+    return reference_rois, acquisition_rois
+
+
 def slices_um(roi: Roi) -> dict[str, tuple[float, float]]:
     """``axis -> (start, length)`` in micrometres of a ROI's spatial slices."""
     out = {}

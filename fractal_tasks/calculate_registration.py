@@ -15,9 +15,7 @@ from fractal_tasks._errors import RegistrationInputError
 from fractal_tasks._models import InitArgsRegistration
 from fractal_tasks._parallel import available_cpus
 from fractal_tasks._roi_tables import (
-    by_name,
-    load_rois,
-    require_same_names,
+    load_paired_rois,
     save_rois,
     table_backend,
     with_columns,
@@ -113,12 +111,8 @@ def calculate_registration(
     )
     reference = open_ome_zarr_container(reference_url)
     acquisition = open_ome_zarr_container(zarr_url)
-    reference_rois = by_name(load_rois(reference, input_roi_table, reference_url))
-    acquisition_rois = by_name(load_rois(acquisition, input_roi_table, zarr_url))
-    require_same_names(
-        {reference_url: set(reference_rois), zarr_url: set(acquisition_rois)},
-        input_roi_table,
-        reference_url,
+    reference_rois, acquisition_rois = load_paired_rois(
+        reference, acquisition, input_roi_table, reference_url, zarr_url
     )
     backend = table_backend(acquisition, input_roi_table)
     estimates, pixel_um = estimate_rois(
