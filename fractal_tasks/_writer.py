@@ -32,6 +32,7 @@ from typing import Literal
 import numpy as np
 import zarr
 
+from fractal_tasks._chunk_io import ChunkAccess, chunk_access, storage_chunks
 from fractal_tasks._geometry import Box
 
 logger = logging.getLogger(__name__)
@@ -128,7 +129,8 @@ def _integer_mean(
 
 def _tile_shape(array: zarr.Array, factors: Sequence[int]) -> tuple[int, ...]:
     """Whole chunks, times the downsampling factor, grown in y/x up to TILE_BYTES."""
-    return _grow(array.chunks, array.shape, factors, array.dtype, TILE_BYTES // 2)
+    chunks = storage_chunks(array)
+    return _grow(chunks, array.shape, factors, array.dtype, TILE_BYTES // 2)
 
 
 def _grow(
@@ -229,13 +231,13 @@ class _ChunkCache:
     ``limit`` bytes (and decoded again if a later unit needs them).
     """
 
-    def __init__(self, array: zarr.Array, uses: dict[Index, int], limit: int):
-        self._array = array
+    def __init__(self, source: ChunkAccess, uses: dict[Index, int], limit: int):
+        self._source = source
         self._uses = uses
         self._limit = limit
         self._lock = threading.Lock()
         self._entries: OrderedDict[Index, Future] = OrderedDict()
-        self._bytes = math.prod(array.chunks) * np.dtype(array.dtype).itemsize
+        self._bytes = math.prod(source.chunks) * source.dtype.itemsize
 
     def get(self, index: Index) -> np.ndarray:
         with self._lock:
@@ -252,8 +254,7 @@ class _ChunkCache:
                 self._entries.move_to_end(index)
         if owner:
             try:
-                region = _region(index, self._array.chunks, self._array.shape)
-                future.set_result(np.asarray(self._array[region]))
+                future.set_result(self._source.read(index))
             except BaseException as error:
                 future.set_exception(error)
                 with self._lock:
@@ -288,7 +289,13 @@ class _Pyramid:
     writer.
     """
 
-    def __init__(self, levels, factors, unit: Sequence[int], kind: Aggregation):
+    def __init__(
+        self,
+        levels: Sequence[ChunkAccess],
+        factors,
+        unit: Sequence[int],
+        kind: Aggregation,
+    ):
         self.levels = levels
         self.factors = factors
         self.kind = kind
@@ -376,7 +383,7 @@ class _Pyramid:
         if buffer is not None and not buffer.any():
             buffer = None  # all zero: leave the chunk unwritten
         if buffer is not None:
-            self.levels[k][region] = buffer
+            self.levels[k].write(child, buffer)
         self.add(k + 1, child, buffer)
 
 
@@ -406,28 +413,35 @@ def write_windows(
     if source.shape != levels[0].shape:
         raise ValueError(f"Shapes differ: {source.shape} vs {levels[0].shape}.")
     levels = [_eager(a) for a in list(levels)[: len(factors) + 1]]
-    target = levels[0]
+    access = [chunk_access(a) for a in levels]
+    target = access[0]
     # Units of whole chunks; no larger than one chunk of level 1 (per factor),
     # so that each unit reduces into a single chunk of level 1.
     cap = target.shape
     if len(levels) > 1:
         cap = [
             max(c, c1 * f)
-            for c, c1, f in zip(target.chunks, levels[1].chunks, factors[0])
+            for c, c1, f in zip(target.chunks, access[1].chunks, factors[0])
         ]
     unit = _grow(
-        target.chunks, target.shape, [1] * target.ndim, target.dtype, UNIT_BYTES, cap
+        target.chunks,
+        target.shape,
+        [1] * len(target.shape),
+        target.dtype,
+        UNIT_BYTES,
+        cap,
     )
-    fused = _Pyramid.fusable(levels, factors, unit)
-    pyramid = _Pyramid(levels[: fused + 1], factors, unit, kind)
-    plan, full = _plan(source, target.shape, axes, pairs, unit)
+    fused = _Pyramid.fusable(access, factors, unit)
+    pyramid = _Pyramid(access[: fused + 1], factors, unit, kind)
+    reader = chunk_access(source)
+    plan, full = _plan(reader.chunks, target.shape, axes, pairs, unit)
     uses: dict[Index, int] = {}
     for pieces in plan.values():
         for chunk in {p.chunk for p in pieces}:
             uses[chunk] = uses.get(chunk, 0) + 1
-    cache = _ChunkCache(source, uses, CACHE_BYTES)
+    cache = _ChunkCache(reader, uses, CACHE_BYTES)
     grid = [math.ceil(n / u) for n, u in zip(target.shape, unit)]
-    scaled = [any(f[a] > 1 for f in factors) for a in range(target.ndim)]
+    scaled = [any(f[a] > 1 for f in factors) for a in range(len(target.shape))]
 
     def order(index: Index):
         outer = tuple(i for i, s in zip(index, scaled) if not s)
@@ -452,7 +466,7 @@ def write_windows(
                 cache.release(chunk)
             del decoded
             if block.any():
-                target[region] = block
+                _write_unit(target, index, unit, block)
             else:
                 block = None  # all zero: leave the chunks unwritten
         pyramid.add(1, index, block)
@@ -462,6 +476,19 @@ def write_windows(
         downsample_level(
             levels[level - 1], levels[level], factors[level - 1], kind, workers
         )
+
+
+def _write_unit(
+    target: ChunkAccess, index: Index, unit: Sequence[int], block: np.ndarray
+) -> None:
+    """Write the block of unit ``index`` chunk by chunk (units are whole chunks)."""
+    per_unit = [u // c for u, c in zip(unit, target.chunks)]
+    for offset in itertools.product(*(range(n) for n in per_unit)):
+        chunk = tuple(i * n + o for i, n, o in zip(index, per_unit, offset))
+        if any(j * c >= n for j, c, n in zip(chunk, target.chunks, target.shape)):
+            continue  # the unit reaches past the array's edge
+        part = tuple(slice(o * c, (o + 1) * c) for o, c in zip(offset, target.chunks))
+        target.write(chunk, block[part])
 
 
 def _eager(array: zarr.Array) -> zarr.Array:
@@ -475,7 +502,7 @@ def _eager(array: zarr.Array) -> zarr.Array:
 
 
 def _plan(
-    source: zarr.Array,
+    chunks: Sequence[int],
     shape: Sequence[int],
     axes: Sequence[str],
     pairs: Sequence[WindowPair],
@@ -487,7 +514,6 @@ def _plan(
     """
     plan: dict[Index, list[_Piece]] = {}
     full: set[Index] = set()
-    chunks = source.chunks
     for pair in pairs:
         target = pair.target.slices()
         offset = dict(zip(pair.target.axes, pair.source.start))

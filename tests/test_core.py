@@ -57,11 +57,21 @@ def test_downsample_mean_rounds_and_nearest_keeps_values():
     np.testing.assert_array_equal(downsample(labels, (2, 2), "nearest"), [[7, 9]])
 
 
+LAYOUTS = {  # chunk files written directly (v2, v3) or through zarr (sharded)
+    "v3": {},
+    "v2": {"zarr_format": 2},
+    "sharded": {"shards": (2, 16, 16)},
+}
+
+
 @pytest.mark.parametrize("workers", [1, 3])
-def test_write_windows_equals_whole_array_oracle(tmp_path, workers):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_write_windows_equals_whole_array_oracle(tmp_path, workers, layout):
     rng = np.random.default_rng(0)
     source = rng.integers(0, 1000, (2, 50, 70), dtype=np.uint16)
-    src = zarr.create_array(tmp_path / "s", data=source, chunks=(1, 8, 8))
+    src = zarr.create_array(
+        tmp_path / "s", data=source, chunks=(1, 8, 8), **LAYOUTS[layout]
+    )
     levels = [
         zarr.create_array(
             tmp_path / f"l{i}",
@@ -69,6 +79,7 @@ def test_write_windows_equals_whole_array_oracle(tmp_path, workers):
             dtype="uint16",
             chunks=(1, 8, 8),
             fill_value=0,
+            **LAYOUTS[layout],
         )
         for i in range(3)
     ]

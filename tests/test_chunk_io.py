@@ -1,0 +1,75 @@
+"""Whole-chunk access: chunk files written directly must read back through zarr."""
+
+import numcodecs
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec, GzipCodec, ZstdCodec
+
+from fractal_tasks._chunk_io import ChunkAccess, ChunkFiles, chunk_access
+
+SHAPE, CHUNKS = (3, 21, 34), (2, 8, 10)
+
+V2 = {"zarr_format": 2}
+LAYOUTS = {
+    "v2-blosc": (dict(V2, compressors=numcodecs.Blosc("lz4", 5, 1)), ChunkFiles),
+    "v2-zstd-flat-keys": (
+        dict(
+            V2,
+            compressors=numcodecs.Zstd(3),
+            chunk_key_encoding={"name": "v2", "separator": "."},
+        ),
+        ChunkFiles,
+    ),
+    "v2-raw": (dict(V2, compressors=None), ChunkFiles),
+    "v2-big-endian": (dict(V2, dtype=">u2"), ChunkAccess),
+    "v3-zstd": ({"compressors": ZstdCodec(level=1)}, ChunkFiles),
+    "v3-blosc-bitshuffle": (
+        {"compressors": BloscCodec(cname="zstd", shuffle="bitshuffle")},
+        ChunkFiles,
+    ),
+    "v3-gzip": ({"compressors": GzipCodec(level=2)}, ChunkFiles),
+    "v3-raw": ({"compressors": None}, ChunkFiles),
+    "v3-sharded": ({"shards": (2, 16, 20)}, ChunkAccess),
+    "v3-two-compressors": (
+        {"compressors": [ZstdCodec(), Crc32cCodec()]},
+        ChunkAccess,
+    ),
+}
+
+
+def _array(path, layout: str) -> zarr.Array:
+    kwargs = {"dtype": "uint16", **LAYOUTS[layout][0]}
+    return zarr.create_array(path, shape=SHAPE, chunks=CHUNKS, fill_value=7, **kwargs)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_written_chunks_read_back_through_zarr(tmp_path, layout):
+    array = _array(tmp_path / "a", layout)
+    access = chunk_access(array)
+    assert type(access) is LAYOUTS[layout][1]
+    data = np.random.default_rng(0).integers(0, 60000, SHAPE, dtype=np.uint16)
+    skipped = (0, 1, 2)  # one chunk never written: reads as the fill value
+    want = data.copy()
+    want[access.region(skipped)] = 7
+    for index in np.ndindex(*(-(-n // c) for n, c in zip(SHAPE, CHUNKS))):
+        if index != skipped:
+            access.write(index, data[access.region(index)])
+    reopened = zarr.open_array(tmp_path / "a", mode="r")
+    np.testing.assert_array_equal(reopened[:], want)
+    for index in [(0, 0, 0), (1, 2, 3), skipped]:  # inner, far edge, missing
+        got = chunk_access(reopened).read(index)
+        np.testing.assert_array_equal(got, want[access.region(index)])
+
+
+def test_chunk_files_read_what_zarr_wrote(tmp_path):
+    data = np.arange(np.prod(SHAPE), dtype=np.uint16).reshape(SHAPE)
+    for layout in ("v2-blosc", "v3-zstd", "v3-blosc-bitshuffle"):
+        array = _array(tmp_path / layout, layout)
+        array[:] = data
+        access = chunk_access(array)
+        assert isinstance(access, ChunkFiles)
+        for index in [(0, 0, 0), (1, 2, 3)]:
+            np.testing.assert_array_equal(
+                access.read(index), data[access.region(index)]
+            )
