@@ -341,50 +341,76 @@ class _Pyramid:
         return len(levels) - 1
 
     def add(self, k: int, index: Index, block: np.ndarray | None) -> None:
-        """Give level ``k`` the block (``None``: all zero) of unit ``index`` above."""
-        if k >= len(self.levels):
-            return
-        above = self.units[k - 1]
-        shape = self.levels[k].shape
-        child = tuple(self._child(k, a, i) for a, i in enumerate(index))
-        if any(c * u >= n for c, u, n in zip(child, self.units[k], shape)):
-            return  # falls beyond the (cropped) level
-        region = _region(child, self.units[k], shape)
-        if block is not None:
-            down = downsample(block, self.factors[k - 1], self.kind)
-            start = [
-                i * u // f - r.start
-                for i, u, f, r in zip(index, above, self.factors[k - 1], region)
-            ]
-            put = tuple(
-                slice(s, min(s + n, r.stop - r.start))
-                for s, n, r in zip(start, down.shape, region)
-            )
-            down = down[tuple(slice(0, p.stop - p.start) for p in put)]
+        """Give level ``k`` the block (``None``: all zero) of unit ``index`` above.
+
+        The block is dropped as soon as it is reduced, before the chunks it
+        completes are written and reduced in turn; pass it as a temporary
+        (``add(1, i, assemble(i))``) so that no caller keeps it alive meanwhile.
+        """
+        while k < len(self.levels):
+            shape = self.levels[k].shape
+            child = tuple(self._child(k, a, i) for a, i in enumerate(index))
+            if any(c * u >= n for c, u, n in zip(child, self.units[k], shape)):
+                return  # falls beyond the (cropped) level
+            region = _region(child, self.units[k], shape)
+            part = None if block is None else self._reduce(k, index, block, region)
+            block = None
+            done, buffer = self._deposit(k, child, region, part)
+            part = None
+            if not done:
+                return
+            if buffer is not None and not buffer.any():
+                buffer = None  # all zero: leave the chunk unwritten
+            if buffer is not None:
+                self.levels[k].write(child, buffer)
+            k, index, block = k + 1, child, buffer
+            buffer = None
+
+    def _reduce(
+        self, k: int, index: Index, block: np.ndarray, region: Region
+    ) -> tuple[Region, np.ndarray]:
+        """Where in its chunk of level ``k`` the reduced block goes, and the data."""
+        down = downsample(block, self.factors[k - 1], self.kind)
+        start = [
+            i * u // f - r.start
+            for i, u, f, r in zip(index, self.units[k - 1], self.factors[k - 1], region)
+        ]
+        put = tuple(
+            slice(s, min(s + n, r.stop - r.start))
+            for s, n, r in zip(start, down.shape, region)
+        )
+        return put, down[tuple(slice(0, p.stop - p.start) for p in put)]
+
+    def _deposit(
+        self,
+        k: int,
+        child: Index,
+        region: Region,
+        part: tuple[Region, np.ndarray] | None,
+    ) -> tuple[bool, np.ndarray | None]:
+        """Put one part into chunk ``child`` of level ``k``.
+
+        Returns whether that chunk is now complete, and then its data (``None``
+        if every part was all zero).
+        """
         with self._lock:
             entry = self._open[k].get(child)
             if entry is None:
                 entry = [None, 0]  # buffer (None while all zero), parts received
                 self._open[k][child] = entry
-            if block is not None and entry[0] is None:
-                entry[0] = np.zeros([r.stop - r.start for r in region], down.dtype)
+            if part is not None and entry[0] is None:
+                shape = [r.stop - r.start for r in region]
+                entry[0] = np.zeros(shape, part[1].dtype)
             buffer = entry[0]
-        if block is not None:
-            buffer[put] = down
+        if part is not None:
+            buffer[part[0]] = part[1]
         expected = math.prod(c[j] for c, j in zip(self._counts[k], child))
         with self._lock:
             entry[1] += 1
-            done = entry[1] == expected
-            if done:
-                del self._open[k][child]
-                buffer = entry[0]  # another thread may have brought the data
-        if not done:
-            return
-        if buffer is not None and not buffer.any():
-            buffer = None  # all zero: leave the chunk unwritten
-        if buffer is not None:
-            self.levels[k].write(child, buffer)
-        self.add(k + 1, child, buffer)
+            if entry[1] < expected:
+                return False, None
+            del self._open[k][child]
+            return True, entry[0]  # another thread may have brought the data
 
 
 def write_windows(
@@ -449,7 +475,8 @@ def write_windows(
 
     units = sorted(itertools.product(*(range(g) for g in grid)), key=order)
 
-    def build(index: Index) -> None:
+    def assemble(index: Index) -> np.ndarray | None:
+        """Unit ``index`` of level 0, written; None if it is all zero."""
         region = _region(index, unit, target.shape)
         pieces = plan.get(index)
         block = None
@@ -469,7 +496,10 @@ def write_windows(
                 _write_unit(target, index, unit, block)
             else:
                 block = None  # all zero: leave the chunks unwritten
-        pyramid.add(1, index, block)
+        return block
+
+    def build(index: Index) -> None:
+        pyramid.add(1, index, assemble(index))
 
     _run(build, units, workers, f"Level 0 and pyramid of {target.shape}")
     for level in range(fused + 1, len(levels)):
