@@ -6,6 +6,7 @@ from typing import Any
 from pydantic import validate_call
 
 from fractal_tasks._apply import commit, plan_apply, write_registered
+from fractal_tasks._memory import return_freed_memory
 from fractal_tasks._parallel import available_cpus
 
 logger = logging.getLogger("apply_registration_to_image")
@@ -73,6 +74,7 @@ def apply_registration_to_image(
         len(plan.image_pairs),
         sorted(plan.label_pairs),
     )
+    return_freed_memory()
     write_registered(plan, workers=available_cpus())
     return commit(plan)
 
