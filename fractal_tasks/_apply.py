@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -305,6 +306,24 @@ def write_registered(plan: ApplyPlan, workers: int) -> None:
     shutil.rmtree(scratch, ignore_errors=True)  # leftover of a killed run
     started = time.perf_counter()
     new = plan.acquisition.derive_image(str(scratch), overwrite=True)
+    # Tables are small files: copy them while the pixels are written.
+    with ThreadPoolExecutor(1) as background:
+        tables = background.submit(_copy_tables, plan, scratch)
+        _write_pixels(plan, new, workers, started)
+        tables.result()
+    logger.info("Copied %d table(s): %s.", len(plan.tables), sorted(plan.tables))
+    zarr.open_group(str(scratch), mode="r+").attrs[PROVENANCE_KEY] = {
+        "source": plan.image_path,
+        "reference": plan.reference_url.rsplit("/", 1)[-1],
+        "registered_roi_table": plan.registered_roi_table,
+        "version": __version__,
+    }
+
+
+def _write_pixels(
+    plan: ApplyPlan, new: OmeZarrContainer, workers: int, started: float
+) -> None:
+    """Write the registered image and labels into the new container."""
     source = plan.acquisition.get_image()
     _write(
         source.zarr_array,
@@ -336,14 +355,6 @@ def write_registered(plan: ApplyPlan, workers: int) -> None:
         logger.info(
             "Registered label %s in %.2f s.", name, time.perf_counter() - started
         )
-    _copy_tables(plan, scratch)
-    logger.info("Copied %d table(s): %s.", len(plan.tables), sorted(plan.tables))
-    zarr.open_group(str(scratch), mode="r+").attrs[PROVENANCE_KEY] = {
-        "source": plan.image_path,
-        "reference": plan.reference_url.rsplit("/", 1)[-1],
-        "registered_roi_table": plan.registered_roi_table,
-        "version": __version__,
-    }
 
 
 def commit(plan: ApplyPlan) -> dict:
