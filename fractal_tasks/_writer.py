@@ -484,9 +484,14 @@ def write_windows(
             shape = [r.stop - r.start for r in region]
             # No zero fill where one window covers the whole unit.
             block = (np.empty if index in full else np.zeros)(shape, target.dtype)
-            decoded = {p.chunk: None for p in pieces}
-            for chunk in decoded:
-                decoded[chunk] = cache.get(chunk)
+            # Largest part first: units in progress side by side then each
+            # decode their own main chunk rather than wait for the same one.
+            volume: dict[Index, int] = {}
+            for piece in pieces:
+                size = math.prod(s.stop - s.start for s in piece.put)
+                volume[piece.chunk] = volume.get(piece.chunk, 0) + size
+            order = sorted(volume, key=volume.__getitem__, reverse=True)
+            decoded = {chunk: cache.get(chunk) for chunk in order}
             for piece in pieces:  # in window order: a later window wins
                 block[piece.put] = decoded[piece.chunk][piece.read]
             for chunk in decoded:
