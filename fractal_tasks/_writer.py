@@ -66,24 +66,38 @@ def downsample(
     preserved exactly. An axis whose length is not a multiple of its factor is
     padded by repeating its last pixel.
     """
-    if all(f == 1 for f in factors):
-        return block
-    pad = [(0, (-n) % f) for n, f in zip(block.shape, factors)]
+    out = np.empty([-(-n // f) for n, f in zip(block.shape, factors)], block.dtype)
+    downsample_into(block, factors, kind, out)
+    return out
+
+
+def downsample_into(
+    block: np.ndarray, factors: Sequence[int], kind: Aggregation, out: np.ndarray
+) -> None:
+    """Write ``downsample(block, factors, kind)``, cut to ``out``'s shape, to ``out``.
+
+    Reads only the part of ``block`` that ``out`` covers; integer means need
+    one wide sum the size of ``out`` and a byte per pixel, no more.
+    """
+    block = block[tuple(slice(0, n * f) for n, f in zip(out.shape, factors))]
+    pad = [(0, n * f - b) for n, f, b in zip(out.shape, factors, block.shape)]
     if any(after for _, after in pad):
         block = np.pad(block, pad, mode="edge")
-    if kind == "nearest":
-        return block[tuple(slice(None, None, f) for f in factors)]
+    if kind == "nearest" or all(f == 1 for f in factors):
+        np.copyto(out, block[tuple(slice(None, None, f) for f in factors)])
+        return
     cells = math.prod(factors)
     wide = _exact_sum_dtype(block.dtype, cells)
     if wide is not None:
-        return _integer_mean(block, factors, cells, wide)
+        _integer_mean(block, factors, cells, wide, out)
+        return
     split = []
     for n, f in zip(block.shape, factors):
         split += [n // f, f]
     mean = block.reshape(split).mean(axis=tuple(range(1, 2 * block.ndim, 2)))
     if np.issubdtype(block.dtype, np.integer):
         mean = np.rint(mean)
-    return mean.astype(block.dtype)
+    np.copyto(out, mean, casting="unsafe")
 
 
 def _exact_sum_dtype(dtype: np.dtype, cells: int) -> np.dtype | None:
@@ -101,8 +115,12 @@ def _exact_sum_dtype(dtype: np.dtype, cells: int) -> np.dtype | None:
 
 
 def _integer_mean(
-    block: np.ndarray, factors: Sequence[int], cells: int, wide: np.dtype
-) -> np.ndarray:
+    block: np.ndarray,
+    factors: Sequence[int],
+    cells: int,
+    wide: np.dtype,
+    out: np.ndarray,
+) -> None:
     """The rounded mean of ``downsample``, with integer arithmetic only.
 
     With ``s`` the exact sum of ``n = 2**k`` values, ``q = s >> k`` and
@@ -118,13 +136,14 @@ def _integer_mean(
             total = part.astype(wide)
         else:
             total += part
-    odd = total >> shift
-    odd &= 1
+    odd = np.empty(total.shape, np.uint8)
+    np.right_shift(total, shift, out=odd, casting="unsafe")
+    odd &= 1  # the low byte of q keeps its parity
     total += cells // 2 - 1
     total += odd
     del odd
     total >>= shift
-    return total.astype(block.dtype)
+    np.copyto(out, total, casting="unsafe")
 
 
 def _tile_shape(array: zarr.Array, factors: Sequence[int]) -> tuple[int, ...]:
@@ -353,10 +372,8 @@ class _Pyramid:
             if any(c * u >= n for c, u, n in zip(child, self.units[k], shape)):
                 return  # falls beyond the (cropped) level
             region = _region(child, self.units[k], shape)
-            part = None if block is None else self._reduce(k, index, block, region)
+            done, buffer = self._deposit(k, index, child, region, block)
             block = None
-            done, buffer = self._deposit(k, child, region, part)
-            part = None
             if not done:
                 return
             if buffer is not None and not buffer.any():
@@ -366,29 +383,15 @@ class _Pyramid:
             k, index, block = k + 1, child, buffer
             buffer = None
 
-    def _reduce(
-        self, k: int, index: Index, block: np.ndarray, region: Region
-    ) -> tuple[Region, np.ndarray]:
-        """Where in its chunk of level ``k`` the reduced block goes, and the data."""
-        down = downsample(block, self.factors[k - 1], self.kind)
-        start = [
-            i * u // f - r.start
-            for i, u, f, r in zip(index, self.units[k - 1], self.factors[k - 1], region)
-        ]
-        put = tuple(
-            slice(s, min(s + n, r.stop - r.start))
-            for s, n, r in zip(start, down.shape, region)
-        )
-        return put, down[tuple(slice(0, p.stop - p.start) for p in put)]
-
     def _deposit(
         self,
         k: int,
+        index: Index,
         child: Index,
         region: Region,
-        part: tuple[Region, np.ndarray] | None,
+        block: np.ndarray | None,
     ) -> tuple[bool, np.ndarray | None]:
-        """Put one part into chunk ``child`` of level ``k``.
+        """Reduce ``block`` (unit ``index`` above) into chunk ``child`` of level ``k``.
 
         Returns whether that chunk is now complete, and then its data (``None``
         if every part was all zero).
@@ -398,12 +401,19 @@ class _Pyramid:
             if entry is None:
                 entry = [None, 0]  # buffer (None while all zero), parts received
                 self._open[k][child] = entry
-            if part is not None and entry[0] is None:
+            if block is not None and entry[0] is None:
                 shape = [r.stop - r.start for r in region]
-                entry[0] = np.zeros(shape, part[1].dtype)
+                entry[0] = np.zeros(shape, block.dtype)
             buffer = entry[0]
-        if part is not None:
-            buffer[part[0]] = part[1]
+        if block is not None:  # parts of one chunk never overlap
+            factors = self.factors[k - 1]
+            put = []
+            for i, u, f, r, n in zip(
+                index, self.units[k - 1], factors, region, block.shape
+            ):
+                start = i * u // f - r.start
+                put.append(slice(start, min(start - (-n // f), r.stop - r.start)))
+            downsample_into(block, factors, self.kind, buffer[tuple(put)])
         expected = math.prod(c[j] for c, j in zip(self._counts[k], child))
         with self._lock:
             entry[1] += 1
