@@ -15,6 +15,7 @@ zarr itself; both give the same arrays on disk.
 
 from __future__ import annotations
 
+import mmap
 import os
 import sys
 from pathlib import Path
@@ -59,9 +60,22 @@ class ChunkAccess:
             for i, c, n in zip(index, self.chunks, self.shape)
         )
 
-    def read(self, index: Index) -> np.ndarray:
-        """The chunk's pixels (fill value where never written), edge-cropped."""
-        return np.asarray(self.array[self.region(index)])
+    def _crop(self, index: Index, chunk: np.ndarray) -> np.ndarray:
+        """The part of a full-chunk-shaped ``chunk`` that lies in the array."""
+        return chunk[tuple(slice(0, r.stop - r.start) for r in self.region(index))]
+
+    def read(self, index: Index, out: np.ndarray | None = None) -> np.ndarray:
+        """The chunk's pixels (fill value where never written), edge-cropped.
+
+        With ``out`` (C-contiguous, of the full chunk shape and the array's
+        dtype) the pixels go there and a view of it is returned.
+        """
+        data = np.asarray(self.array[self.region(index)])
+        if out is None:
+            return data
+        view = self._crop(index, out)
+        view[...] = data
+        return view
 
     def write(self, index: Index, block: np.ndarray) -> None:
         """Store ``block``, shaped like the (edge-cropped) chunk ``index``."""
@@ -83,18 +97,21 @@ class ChunkFiles(ChunkAccess):
     def _path(self, index: Index) -> Path:
         return self._root / self._key(index)
 
-    def read(self, index: Index) -> np.ndarray:
-        region = self.region(index)
+    def read(self, index: Index, out: np.ndarray | None = None) -> np.ndarray:
+        chunk = np.empty(self.chunks, self.dtype) if out is None else out
         try:
-            data = self._path(index).read_bytes()
+            file = open(self._path(index), "rb")
         except FileNotFoundError:
-            return np.full([r.stop - r.start for r in region], self._fill, self.dtype)
-        if self._codec is None:
-            chunk = np.frombuffer(data, self.dtype).reshape(self.chunks)
-        else:
-            chunk = np.empty(self.chunks, self.dtype)
-            self._codec.decode(data, out=chunk)
-        return chunk[tuple(slice(0, r.stop - r.start) for r in region)]
+            chunk.fill(self._fill)
+            return self._crop(index, chunk)
+        with file:
+            if self._codec is None:
+                file.readinto(chunk.reshape(-1).view(np.uint8))
+            else:
+                # Decoded from the page cache in place: no copy of the bytes.
+                with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                    self._codec.decode(data, out=chunk)
+        return self._crop(index, chunk)
 
     def write(self, index: Index, block: np.ndarray) -> None:
         if block.shape != self.chunks:  # edge chunk: stored whole, padded

@@ -22,7 +22,8 @@ def return_freed_memory() -> bool:
     in use (more with every image). Fixing both thresholds at glibc's starting
     value, as dask does for its workers with ``MALLOC_TRIM_THRESHOLD_``, keeps
     large buffers in their own mappings, released when freed; the cost is a
-    page fault per page of each new buffer.
+    page fault per page of each new buffer, which the writer mostly avoids by
+    reusing its chunk buffers (``_buffers.BufferPool``).
 
     This is process-wide and lasts for the process (a Fractal task runs in its
     own). Returns False, changing nothing, outside glibc.

@@ -14,6 +14,10 @@ visited in Z order (Morton order) over the downsampled axes, so only a few
 chunks per level are ever incomplete, whatever the size of the well. Levels
 whose chunks do not line up with the level above are computed afterwards from
 the level above, read back tile by tile.
+
+Chunks are read and written whole through ``_chunk_io`` (the chunk files
+themselves where the layout allows), and chunk-sized buffers are passed from
+one use to the next through a small ``BufferPool`` rather than allocated anew.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Literal
 import numpy as np
 import zarr
 
+from fractal_tasks._buffers import BufferPool
 from fractal_tasks._chunk_io import ChunkAccess, chunk_access, storage_chunks
 from fractal_tasks._geometry import Box
 
@@ -247,33 +252,43 @@ class _ChunkCache:
 
     ``uses`` counts, per chunk, the units still to read it; a chunk is dropped
     when that reaches zero, and least recently used chunks are dropped beyond
-    ``limit`` bytes (and decoded again if a later unit needs them).
+    ``limit`` bytes (and decoded again if a later unit needs them). A chunk
+    dropped at zero uses has no reader left, so its buffer goes back to the
+    pool.
     """
 
-    def __init__(self, source: ChunkAccess, uses: dict[Index, int], limit: int):
+    def __init__(
+        self,
+        source: ChunkAccess,
+        uses: dict[Index, int],
+        limit: int,
+        pool: BufferPool,
+    ):
         self._source = source
         self._uses = uses
         self._limit = limit
+        self._pool = pool
         self._lock = threading.Lock()
-        self._entries: OrderedDict[Index, Future] = OrderedDict()
+        self._entries: OrderedDict[Index, tuple[Future, np.ndarray]] = OrderedDict()
         self._bytes = math.prod(source.chunks) * source.dtype.itemsize
 
     def get(self, index: Index) -> np.ndarray:
         with self._lock:
-            future = self._entries.get(index)
-            owner = future is None
+            entry = self._entries.get(index)
+            owner = entry is None
             if owner:
-                future = Future()
-                self._entries[index] = future
+                buffer = self._pool.take(self._source.chunks, self._source.dtype)
+                entry = self._entries[index] = (Future(), buffer)
                 while len(self._entries) * self._bytes > self._limit and (
                     len(self._entries) > 1
                 ):
                     self._entries.popitem(last=False)
             else:
                 self._entries.move_to_end(index)
+        future, buffer = entry
         if owner:
             try:
-                future.set_result(self._source.read(index))
+                future.set_result(self._source.read(index, out=buffer))
             except BaseException as error:
                 future.set_exception(error)
                 with self._lock:
@@ -286,7 +301,9 @@ class _ChunkCache:
             self._uses[index] -= 1
             if self._uses[index] <= 0:
                 del self._uses[index]
-                self._entries.pop(index, None)
+                future, buffer = self._entries.pop(index, (None, None))
+                if future is not None and future.done() and not future.exception():
+                    self._pool.give(buffer)
 
 
 @dataclass(frozen=True)
@@ -314,8 +331,10 @@ class _Pyramid:
         factors,
         unit: Sequence[int],
         kind: Aggregation,
+        pool: BufferPool,
     ):
         self.levels = levels
+        self._pool = pool
         self.factors = factors
         self.kind = kind
         self.units = [tuple(unit)] + [tuple(a.chunks) for a in levels[1:]]
@@ -362,26 +381,27 @@ class _Pyramid:
     def add(self, k: int, index: Index, block: np.ndarray | None) -> None:
         """Give level ``k`` the block (``None``: all zero) of unit ``index`` above.
 
-        The block is dropped as soon as it is reduced, before the chunks it
-        completes are written and reduced in turn; pass it as a temporary
-        (``add(1, i, assemble(i))``) so that no caller keeps it alive meanwhile.
+        Takes the block over (it is from the pool): it goes back as soon as it
+        is reduced, before the chunks it completes are written and reduced.
         """
         while k < len(self.levels):
             shape = self.levels[k].shape
             child = tuple(self._child(k, a, i) for a, i in enumerate(index))
             if any(c * u >= n for c, u, n in zip(child, self.units[k], shape)):
-                return  # falls beyond the (cropped) level
+                break  # falls beyond the (cropped) level
             region = _region(child, self.units[k], shape)
             done, buffer = self._deposit(k, index, child, region, block)
+            self._pool.give(block)
             block = None
             if not done:
                 return
             if buffer is not None and not buffer.any():
+                self._pool.give(buffer)
                 buffer = None  # all zero: leave the chunk unwritten
             if buffer is not None:
                 self.levels[k].write(child, buffer)
             k, index, block = k + 1, child, buffer
-            buffer = None
+        self._pool.give(block)
 
     def _deposit(
         self,
@@ -403,7 +423,8 @@ class _Pyramid:
                 self._open[k][child] = entry
             if block is not None and entry[0] is None:
                 shape = [r.stop - r.start for r in region]
-                entry[0] = np.zeros(shape, block.dtype)
+                entry[0] = self._pool.take(shape, block.dtype)
+                entry[0].fill(0)
             buffer = entry[0]
         if block is not None:  # parts of one chunk never overlap
             factors = self.factors[k - 1]
@@ -451,6 +472,9 @@ def write_windows(
     levels = [_eager(a) for a in list(levels)[: len(factors) + 1]]
     access = [chunk_access(a) for a in levels]
     target = access[0]
+    # Idle buffers kept for reuse: about two of the largest in use.
+    chunk_bytes = math.prod(target.chunks) * target.dtype.itemsize
+    pool = BufferPool(2 * max(chunk_bytes, UNIT_BYTES))
     # Units of whole chunks; no larger than one chunk of level 1 (per factor),
     # so that each unit reduces into a single chunk of level 1.
     cap = target.shape
@@ -468,14 +492,14 @@ def write_windows(
         cap,
     )
     fused = _Pyramid.fusable(access, factors, unit)
-    pyramid = _Pyramid(access[: fused + 1], factors, unit, kind)
+    pyramid = _Pyramid(access[: fused + 1], factors, unit, kind, pool)
     reader = chunk_access(source)
     plan, full = _plan(reader.chunks, target.shape, axes, pairs, unit)
     uses: dict[Index, int] = {}
     for pieces in plan.values():
         for chunk in {p.chunk for p in pieces}:
             uses[chunk] = uses.get(chunk, 0) + 1
-    cache = _ChunkCache(reader, uses, CACHE_BYTES)
+    cache = _ChunkCache(reader, uses, CACHE_BYTES, pool)
     grid = [math.ceil(n / u) for n, u in zip(target.shape, unit)]
     scaled = [any(f[a] > 1 for f in factors) for a in range(len(target.shape))]
 
@@ -492,8 +516,9 @@ def write_windows(
         block = None
         if pieces:
             shape = [r.stop - r.start for r in region]
-            # No zero fill where one window covers the whole unit.
-            block = (np.empty if index in full else np.zeros)(shape, target.dtype)
+            block = pool.take(shape, target.dtype)
+            if index not in full:  # no zero fill where one window covers all
+                block.fill(0)
             # Largest part first: units in progress side by side then each
             # decode their own main chunk rather than wait for the same one.
             volume: dict[Index, int] = {}
@@ -510,6 +535,7 @@ def write_windows(
             if block.any():
                 _write_unit(target, index, unit, block)
             else:
+                pool.give(block)
                 block = None  # all zero: leave the chunks unwritten
         return block
 

@@ -6,6 +6,7 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, GzipCodec, ZstdCodec
 
+from fractal_tasks._buffers import BufferPool
 from fractal_tasks._chunk_io import ChunkAccess, ChunkFiles, chunk_access
 
 SHAPE, CHUNKS = (3, 21, 34), (2, 8, 10)
@@ -49,17 +50,21 @@ def test_written_chunks_read_back_through_zarr(tmp_path, layout):
     access = chunk_access(array)
     assert type(access) is LAYOUTS[layout][1]
     data = np.random.default_rng(0).integers(0, 60000, SHAPE, dtype=np.uint16)
-    skipped = (0, 1, 2)  # one chunk never written: reads as the fill value
+    counts = [-(-n // c) for n, c in zip(SHAPE, access.chunks)]  # shards if any
+    skipped = (0, 1, 1)  # one chunk never written: reads as the fill value
+    last = tuple(n - 1 for n in counts)  # cut by the far edges
     want = data.copy()
     want[access.region(skipped)] = 7
-    for index in np.ndindex(*(-(-n // c) for n, c in zip(SHAPE, CHUNKS))):
+    for index in np.ndindex(*counts):
         if index != skipped:
             access.write(index, data[access.region(index)])
     reopened = zarr.open_array(tmp_path / "a", mode="r")
     np.testing.assert_array_equal(reopened[:], want)
-    for index in [(0, 0, 0), (1, 2, 3), skipped]:  # inner, far edge, missing
-        got = chunk_access(reopened).read(index)
-        np.testing.assert_array_equal(got, want[access.region(index)])
+    for index in [(0, 0, 0), last, skipped]:
+        reader = chunk_access(reopened)
+        into = np.full(reader.chunks, 99, np.uint16)  # a reused, dirty buffer
+        for got in (reader.read(index), reader.read(index, out=into)):
+            np.testing.assert_array_equal(got, want[access.region(index)])
 
 
 def test_chunk_files_read_what_zarr_wrote(tmp_path):
@@ -73,3 +78,18 @@ def test_chunk_files_read_what_zarr_wrote(tmp_path):
             np.testing.assert_array_equal(
                 access.read(index), data[access.region(index)]
             )
+
+
+def test_pool_reuses_given_back_memory_within_its_limit():
+    pool = BufferPool(limit=2 * 160)
+    first = pool.take((8, 10), np.uint16)  # 160 bytes
+    pool.give(first[2:, 3:])  # any view gives back the whole buffer
+    again = pool.take((160,), np.uint8)  # same size in bytes: same memory
+    assert again.ctypes.data == first.ctypes.data
+    others = [pool.take((8, 10), np.uint16) for _ in range(3)]
+    for buffer in others:
+        pool.give(buffer)  # the third is over the limit: dropped
+    reused = {pool.take((8, 10), np.uint16).ctypes.data for _ in range(3)}
+    assert len(reused & {b.ctypes.data for b in others}) == 2
+    with pytest.raises(ValueError, match="Not an array of this pool"):
+        pool.give(np.zeros(4, np.uint16))
