@@ -131,7 +131,12 @@ def ensure_ftc_venv(venv: Path, install: bool = True) -> tuple[Path | None, str]
 
 
 def _tree_rss_kb(pid: int) -> int:
-    """Current RSS (KiB) of pid plus all its descendants, from /proc."""
+    """Current RSS (KiB) of pid plus the private memory of its descendants.
+
+    A descendant counts only its private pages: a process that a library forks
+    to run a command (e.g. ``uname`` during an import) shares every page with
+    its parent until it execs, and adding its RSS would count them twice.
+    """
     total, stack, seen = 0, [pid], set()
     while stack:
         p = stack.pop()
@@ -139,16 +144,29 @@ def _tree_rss_kb(pid: int) -> int:
             continue
         seen.add(p)
         try:
-            with open(f"/proc/{p}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-                        break
+            total += _vm_rss_kb(p) if p == pid else _private_kb(p)
             for tid in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{tid}/children") as f:
                     stack.extend(int(c) for c in f.read().split())
         except (OSError, ValueError):
             continue
+    return total
+
+
+def _vm_rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _private_kb(pid: int) -> int:
+    total = 0
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                total += int(line.split()[1])
     return total
 
 
@@ -164,9 +182,9 @@ def run_child(
     """Run _task_runner.py in `python`; return its result plus rusage.
 
     Peak RSS ("maxrss_kb") is the larger of (a) the child's own VmHWM, which
-    it reports itself at the end, and (b) the peak of the RSS summed over the
-    child and its descendants, sampled every 20 ms from /proc (catches worker
-    processes, if a task spawns any).  wait4()'s ru_maxrss is kept as
+    it reports itself at the end, and (b) the peak of the child's RSS plus the
+    private memory of its descendants, sampled every 20 ms from /proc (catches
+    worker processes, if a task spawns any).  wait4()'s ru_maxrss is kept as
     "ru_maxrss_kb" for reference only: on Linux it includes the parent's RSS
     at fork time, because the high-water mark survives exec.
     """

@@ -67,6 +67,8 @@ class SynthSpec:
     noise: str = "shot"
     seed: int = 0
     version: int = 2  # bump to invalidate cached plates after content changes
+    # {"shift": "per_well"}: every FOV of an acquisition gets the same shift
+    # (for registering well_ROI_table); otherwise each FOV adds its own jitter.
     extra: dict = field(default_factory=dict)
 
     def key(self) -> str:
@@ -218,6 +220,8 @@ class SynthSample:
                     t = (0.0, 0.0)
                 else:
                     jit = rng.uniform(-0.25, 0.25, 2) * (msy, msx)
+                    if spec.extra.get("shift") == "per_well":
+                        jit *= 0  # the whole well moved as one piece
                     t = base + jit
                     if spec.subpixel:
                         # keep at least a clear fractional part

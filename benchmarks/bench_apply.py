@@ -54,7 +54,8 @@ from _common import (  # noqa: E402
 from _synth import SynthSpec, copy_plate, dir_bytes, get_plate, relocate_manifest  # noqa: E402
 
 OURS_PKG = "fractal_tasks"
-REG_TABLE = "FOV_ROI_table_registered"
+FOV_TABLE, WELL_TABLE = "FOV_ROI_table", "well_ROI_table"
+WELL_ROI_NAME = "well_1"  # the single ROI of the synthetic well_ROI_table
 CPU_PARAM_NAMES = (
     "num_workers",
     "max_workers",
@@ -102,6 +103,20 @@ def parse_args(argv=None):
     g.add_argument("--nz", type=int, help="z planes of the 3D plate")
     g.add_argument("--channels-3d", type=int)
     g.add_argument("--grow-fovs", help="FOV grid of the --grow plate, e.g. 4x4")
+    g.add_argument(
+        "--roi-table-2d",
+        choices=[FOV_TABLE, WELL_TABLE],
+        default=FOV_TABLE,
+        help="ROI table registered and applied on the 2D plate",
+    )
+    g.add_argument(
+        "--roi-table-3d",
+        choices=[FOV_TABLE, WELL_TABLE],
+        default=WELL_TABLE,
+        help="ROI table of the 3D plates (whole well: the case where a task "
+        "that loads each ROI whole needs memory growing with the well); with "
+        "well_ROI_table every FOV of an acquisition gets the same shift",
+    )
     g.add_argument("--acquisitions", type=int, default=3)
     g.add_argument("--levels", type=int, default=5)
     g.add_argument(
@@ -177,7 +192,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def plate_specs(args) -> list[tuple[str, SynthSpec]]:
+def plate_specs(args) -> list[tuple[str, SynthSpec, str]]:
     q = args.quick
 
     def pick(val, full, quick):
@@ -202,7 +217,9 @@ def plate_specs(args) -> list[tuple[str, SynthSpec]]:
                     n_z=1,
                     n_channels=pick(args.channels_2d, 3, 3),
                     **common,
+                    **_shift_kind(args.roi_table_2d),
                 ),
+                args.roi_table_2d,
             )
         )
     if args.plate in ("3d", "both"):
@@ -212,8 +229,9 @@ def plate_specs(args) -> list[tuple[str, SynthSpec]]:
             n_z=pick(args.nz, 20, 4),
             n_channels=pick(args.channels_3d, 2, 2),
             **common,
+            **_shift_kind(args.roi_table_3d),
         )
-        out.append(("3d", spec3))
+        out.append(("3d", spec3, args.roi_table_3d))
         if args.grow:
             grow = SynthSpec(
                 **{
@@ -221,8 +239,13 @@ def plate_specs(args) -> list[tuple[str, SynthSpec]]:
                     "fovs": parse_pair(pick(args.grow_fovs, "4x4", "4x4")),
                 }
             )
-            out.append(("3d-grow", grow))
+            out.append(("3d-grow", grow, args.roi_table_3d))
     return out
+
+
+def _shift_kind(table: str) -> dict:
+    """Registering the whole well assumes the well moved as one piece."""
+    return {"extra": {"shift": "per_well"}} if table == WELL_TABLE else {}
 
 
 # --------------------------------------------------------------------------
@@ -230,7 +253,7 @@ def plate_specs(args) -> list[tuple[str, SynthSpec]]:
 # --------------------------------------------------------------------------
 
 
-def calc_steps(impl: str, urls, zarr_dir, args) -> dict:
+def calc_steps(impl: str, urls, zarr_dir, args, table: str) -> dict:
     if impl == "ours":
         mod = OURS_PKG
         steps = [
@@ -247,6 +270,7 @@ def calc_steps(impl: str, urls, zarr_dir, args) -> dict:
                 "compute_kwargs": {
                     "wavelength_id": args.wavelength_id,
                     "level_path": args.level_path,
+                    "input_roi_table": table,
                 },
             },
             {
@@ -254,7 +278,7 @@ def calc_steps(impl: str, urls, zarr_dir, args) -> dict:
                 "init": f"{mod}.init_find_consensus:init_find_consensus",
                 "init_kwargs": {"zarr_urls": urls, "zarr_dir": zarr_dir},
                 "compute": f"{mod}.find_consensus:find_consensus",
-                "compute_kwargs": {"input_roi_table": "FOV_ROI_table"},
+                "compute_kwargs": {"input_roi_table": table},
             },
         ]
         imports = [f"{mod}.calculate_registration", f"{mod}.find_consensus"]
@@ -275,6 +299,7 @@ def calc_steps(impl: str, urls, zarr_dir, args) -> dict:
                 "compute_kwargs": {
                     "wavelength_id": args.wavelength_id,
                     "level_path": args.level_path,
+                    "input_roi_table": table,
                 },
             },
             {
@@ -288,7 +313,7 @@ def calc_steps(impl: str, urls, zarr_dir, args) -> dict:
                 },
                 "compute": f"{mod}.compute_registration_consensus:"
                 "compute_registration_consensus",
-                "compute_kwargs": {"input_roi_table": "FOV_ROI_table"},
+                "compute_kwargs": {"input_roi_table": table},
             },
         ]
         imports = [
@@ -316,9 +341,14 @@ def our_apply_cpu_kwargs(cpus) -> dict:
     return {}
 
 
-def apply_spec(impl: str, urls, args, plain_dst=None, src_urls=None) -> dict:
+def apply_spec(
+    impl: str, urls, args, table: str, plain_dst=None, src_urls=None
+) -> dict:
     if impl == "ours":
-        kwargs = {"registered_roi_table": REG_TABLE, "overwrite_input": True}
+        kwargs = {
+            "registered_roi_table": f"{table}_registered",
+            "overwrite_input": True,
+        }
         kwargs.update(our_apply_cpu_kwargs(args.cpus))
         return {
             "imports": [f"{OURS_PKG}.apply_registration_to_image"],
@@ -343,7 +373,7 @@ def apply_spec(impl: str, urls, args, plain_dst=None, src_urls=None) -> dict:
                     "apply_registration_to_image",
                     "zarr_urls": urls,
                     "kwargs": {
-                        "registered_roi_table": REG_TABLE,
+                        "registered_roi_table": f"{table}_registered",
                         "reference_acquisition": 0,
                         "register_labels": True,
                         "overwrite_input": True,
@@ -387,7 +417,7 @@ def copy_tables(src_urls, dst_urls):
 # --------------------------------------------------------------------------
 
 
-def run_plate(name, spec, args, pythons, run_dir, contenders):
+def run_plate(name, spec, table, args, pythons, run_dir, contenders):
     log(
         f"\n=== plate {name}: {spec.describe()}, {spec.levels} levels, "
         f"chunks={spec.chunks}"
@@ -436,7 +466,7 @@ def run_plate(name, spec, args, pythons, run_dir, contenders):
         if maker != impl and maker in work:
             table_source[impl] = maker  # filled in after `maker` has run
             continue
-        spec_calc = calc_steps(maker, work[impl], str(pdir / impl), args)
+        spec_calc = calc_steps(maker, work[impl], str(pdir / impl), args, table)
         r = run_child(
             pythons[maker],
             spec_calc,
@@ -471,7 +501,12 @@ def run_plate(name, spec, args, pythons, run_dir, contenders):
                 from _verify import translation_errors
 
                 truth = relocate_manifest(manifest, src_dir, pdir / impl)["truth_px"]
-                summ, _rows = translation_errors(work[impl], truth)
+                if table == WELL_TABLE:  # one shift per acquisition
+                    truth = {
+                        u: {WELL_ROI_NAME: next(iter(t.values()))}
+                        for u, t in truth.items()
+                    }
+                summ, _rows = translation_errors(work[impl], truth, table)
                 r["accuracy"] = summ
                 log(
                     f"  [{impl}] estimated shifts vs truth: max |err| "
@@ -528,7 +563,7 @@ def run_plate(name, spec, args, pythons, run_dir, contenders):
             plain_dst = pdir / "plain"
             shutil.rmtree(plain_dst, ignore_errors=True)
             spec_apply = apply_spec(
-                "plain", None, args, plain_dst=plain_dst, src_urls=src_urls
+                "plain", None, args, table, plain_dst=plain_dst, src_urls=src_urls
             )
             warm = warm_page_cache(src_dir)
             python = sys.executable
@@ -536,7 +571,7 @@ def run_plate(name, spec, args, pythons, run_dir, contenders):
             urls = work[impl]
             if args.order == "ref-last":
                 urls = urls[1:] + urls[:1]
-            spec_apply = apply_spec(impl, urls, args)
+            spec_apply = apply_spec(impl, urls, args, table)
             warm = warm_page_cache(pdir / impl)
             python = pythons[impl]
         r = run_child(
@@ -560,14 +595,14 @@ def run_plate(name, spec, args, pythons, run_dir, contenders):
 
     # -- checks -----------------------------------------------------------
     if not args.no_verify:
-        res["verify"] = verify(res, work, src_urls, pdir)
+        res["verify"] = verify(res, work, src_urls, pdir, table)
     if not args.keep:
         for impl in ("ours", "ftc", "plain"):
             shutil.rmtree(pdir / impl, ignore_errors=True)
     return res
 
 
-def verify(res, work, src_urls, pdir) -> dict:
+def verify(res, work, src_urls, pdir, table: str) -> dict:
     from _verify import compare_level0, listed_tables, residual_shifts
 
     out = {}
@@ -595,14 +630,14 @@ def verify(res, work, src_urls, pdir) -> dict:
                     u.rsplit("/", 1)[-1]: t
                     for u, t in listed.items()
                     if isinstance(t, str)
-                    or REG_TABLE not in t
-                    or "FOV_ROI_table" not in t
+                    or f"{table}_registered" not in t
+                    or table not in t
                 }
                 if bad:
                     msg = (
                         f"PROBLEM {impl}: after apply, ngio lists for image(s) "
                         f"{sorted(bad)}: {list(bad.values())[0]!r} "
-                        f"(expected FOV_ROI_table and {REG_TABLE})"
+                        f"(expected {table} and {table}_registered)"
                     )
                     res["notes"].append(msg)
                     log("  " + msg)
@@ -793,8 +828,8 @@ def main(argv=None):
     if not importable(OURS_PKG + ".apply_registration_to_image"):
         log("  note: fractal_tasks.apply_registration_to_image is not importable yet")
     results = []
-    for name, spec in plate_specs(args):
-        results.append(run_plate(name, spec, args, pythons, run_dir, contenders))
+    for name, spec, table in plate_specs(args):
+        results.append(run_plate(name, spec, table, args, pythons, run_dir, contenders))
     text, headers, rows, ratios = summarize(results, args)
     log(text)
     log(f"\ntotal benchmark time {time.perf_counter() - t_all:.0f}s")
