@@ -130,12 +130,13 @@ def ensure_ftc_venv(venv: Path, install: bool = True) -> tuple[Path | None, str]
 # --------------------------------------------------------------------------
 
 
-def _tree_rss_kb(pid: int) -> int:
-    """Current RSS (KiB) of pid plus the private memory of its descendants.
+def _tree_rss_kb(pid: int, descendants: bool) -> int:
+    """Current RSS (KiB) of pid, plus the private memory of its descendants.
 
-    A descendant counts only its private pages: a process that a library forks
-    to run a command (e.g. ``uname`` during an import) shares every page with
-    its parent until it execs, and adding its RSS would count them twice.
+    A descendant counts only its private pages, and only once the caller says
+    so: libraries fork short-lived commands while they are imported (``uname
+    -p``), and such a fork shares the child's pages until it execs; counting
+    them double-counted the child (393 MiB reported for a 249 MiB VmHWM).
     """
     total, stack, seen = 0, [pid], set()
     while stack:
@@ -145,6 +146,8 @@ def _tree_rss_kb(pid: int) -> int:
         seen.add(p)
         try:
             total += _vm_rss_kb(p) if p == pid else _private_kb(p)
+            if not descendants:
+                break
             for tid in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{tid}/children") as f:
                     stack.extend(int(c) for c in f.read().split())
@@ -183,10 +186,11 @@ def run_child(
 
     Peak RSS ("maxrss_kb") is the larger of (a) the child's own VmHWM, which
     it reports itself at the end, and (b) the peak of the child's RSS plus the
-    private memory of its descendants, sampled every 20 ms from /proc (catches
-    worker processes, if a task spawns any).  wait4()'s ru_maxrss is kept as
-    "ru_maxrss_kb" for reference only: on Linux it includes the parent's RSS
-    at fork time, because the high-water mark survives exec.
+    private memory of its descendants once its imports are done, sampled every
+    20 ms from /proc (catches worker processes, if a task spawns any).
+    wait4()'s ru_maxrss is kept as "ru_maxrss_kb" for reference only: on Linux
+    it includes the parent's RSS at fork time, because the high-water mark
+    survives exec.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -196,8 +200,8 @@ def run_child(
     spec = dict(spec)
     spec.setdefault("sys_path", [str(BENCH_DIR)])
     spec_path.write_text(json.dumps(spec, indent=1))
-    if result_path.exists():
-        result_path.unlink()
+    for stale in (result_path, Path(f"{result_path}.imported")):
+        stale.unlink(missing_ok=True)
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
     env.pop("VIRTUAL_ENV", None)
@@ -224,7 +228,8 @@ def run_child(
             pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            tree_peak = max(tree_peak, _tree_rss_kb(proc.pid))
+            imported = Path(f"{result_path}.imported").exists()
+            tree_peak = max(tree_peak, _tree_rss_kb(proc.pid, imported))
             if timeout is not None and time.perf_counter() - t0 > timeout:
                 timed_out = True
                 os.killpg(proc.pid, signal.SIGKILL)

@@ -151,6 +151,9 @@ def main(spec_path: str, result_path: str) -> int:
                 result["versions"][name] = getattr(m, "__version__", "?")
         result["import_seconds"] = time.perf_counter() - t_start
         result["maxrss_after_import_kb"] = _maxrss_kb()
+        # Tell the parent that imports are over: from now on it counts the
+        # memory of our descendants (imports fork short-lived commands).
+        open(result_path + ".imported", "w").close()
         t0 = time.perf_counter()
         try:
             _run_steps(spec["steps"], result["calls"])
