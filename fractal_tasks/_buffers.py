@@ -29,8 +29,13 @@ class BufferPool:
         self._idle: dict[int, list[np.ndarray]] = {}
         self._idle_bytes = 0
 
-    def take(self, shape, dtype) -> np.ndarray:
-        """An uninitialised C-contiguous array, on a given-back buffer if one fits."""
+    def take(self, shape, dtype, *, zero: bool = False) -> np.ndarray:
+        """A C-contiguous array, on a given-back buffer if one fits.
+
+        Uninitialised unless ``zero``. A new zeroed buffer is left to the
+        system to zero page by page as it is written, so the parts never
+        written cost no memory.
+        """
         dtype = np.dtype(dtype)
         nbytes = math.prod(shape) * dtype.itemsize
         with self._lock:
@@ -39,7 +44,9 @@ class BufferPool:
             if flat is not None:
                 self._idle_bytes -= nbytes
         if flat is None:
-            flat = np.empty(nbytes, np.uint8)
+            flat = (np.zeros if zero else np.empty)(nbytes, np.uint8)
+        elif zero:
+            flat.fill(0)
         return flat.view(dtype).reshape(shape)
 
     def give(self, array: np.ndarray | None) -> None:

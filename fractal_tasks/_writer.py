@@ -46,6 +46,7 @@ Aggregation = Literal["mean", "nearest"]
 TILE_BYTES = 32 * 2**20  # upper bound of one read-back tile in memory
 UNIT_BYTES = 4 * 2**20  # level-0 units grow (by whole chunks) up to this size
 CACHE_BYTES = 32 * 2**20  # decoded source chunks kept for later units
+POOL_BYTES = 8 * 2**20  # freed chunk buffers kept idle for reuse
 
 Index = tuple[int, ...]
 Region = tuple[slice, ...]
@@ -423,8 +424,7 @@ class _Pyramid:
                 self._open[k][child] = entry
             if block is not None and entry[0] is None:
                 shape = [r.stop - r.start for r in region]
-                entry[0] = self._pool.take(shape, block.dtype)
-                entry[0].fill(0)
+                entry[0] = self._pool.take(shape, block.dtype, zero=True)
             buffer = entry[0]
         if block is not None:  # parts of one chunk never overlap
             factors = self.factors[k - 1]
@@ -472,9 +472,9 @@ def write_windows(
     levels = [_eager(a) for a in list(levels)[: len(factors) + 1]]
     access = [chunk_access(a) for a in levels]
     target = access[0]
-    # Idle buffers kept for reuse: about two of the largest in use.
-    chunk_bytes = math.prod(target.chunks) * target.dtype.itemsize
-    pool = BufferPool(2 * max(chunk_bytes, UNIT_BYTES))
+    # Reuse pays for the many small chunks; a big chunk's idle buffer would
+    # only add to the peak.
+    pool = BufferPool(POOL_BYTES)
     # Units of whole chunks; no larger than one chunk of level 1 (per factor),
     # so that each unit reduces into a single chunk of level 1.
     cap = target.shape
@@ -516,9 +516,8 @@ def write_windows(
         block = None
         if pieces:
             shape = [r.stop - r.start for r in region]
-            block = pool.take(shape, target.dtype)
-            if index not in full:  # no zero fill where one window covers all
-                block.fill(0)
+            # No zero fill where one window covers the whole unit.
+            block = pool.take(shape, target.dtype, zero=index not in full)
             # Largest part first: units in progress side by side then each
             # decode their own main chunk rather than wait for the same one.
             volume: dict[Index, int] = {}

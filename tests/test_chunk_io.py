@@ -91,5 +91,10 @@ def test_pool_reuses_given_back_memory_within_its_limit():
         pool.give(buffer)  # the third is over the limit: dropped
     reused = {pool.take((8, 10), np.uint16).ctypes.data for _ in range(3)}
     assert len(reused & {b.ctypes.data for b in others}) == 2
+    dirty = pool.take((8, 10), np.uint16)
+    dirty.fill(5)
+    pool.give(dirty)
+    assert not pool.take((8, 10), np.uint16, zero=True).any()  # reused, cleared
+    assert not pool.take((8, 10), np.uint16, zero=True).any()  # new
     with pytest.raises(ValueError, match="Not an array of this pool"):
         pool.give(np.zeros(4, np.uint16))
