@@ -18,6 +18,7 @@ from __future__ import annotations
 import mmap
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numcodecs
@@ -30,6 +31,18 @@ Index = tuple[int, ...]
 
 _BLOSC_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 _BYTE_ORDER = {"little": "<", "big": ">"}
+
+
+def grid_region(
+    index: Index, size: Sequence[int], shape: Sequence[int]
+) -> tuple[slice, ...]:
+    """Slices of cell ``index`` of a grid of ``size`` cells over ``shape``.
+
+    Cells at the far edges are cut to the array.
+    """
+    return tuple(
+        slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(index, size, shape)
+    )
 
 
 def storage_chunks(array: zarr.Array) -> tuple[int, ...]:
@@ -55,10 +68,7 @@ class ChunkAccess:
 
     def region(self, index: Index) -> tuple[slice, ...]:
         """The chunk's slices in the array, cut at the array's far edges."""
-        return tuple(
-            slice(i * c, min((i + 1) * c, n))
-            for i, c, n in zip(index, self.chunks, self.shape)
-        )
+        return grid_region(index, self.chunks, self.shape)
 
     def _crop(self, index: Index, chunk: np.ndarray) -> np.ndarray:
         """The part of a full-chunk-shaped ``chunk`` that lies in the array."""

@@ -37,7 +37,12 @@ import numpy as np
 import zarr
 
 from fractal_tasks._buffers import BufferPool
-from fractal_tasks._chunk_io import ChunkAccess, chunk_access, storage_chunks
+from fractal_tasks._chunk_io import (
+    ChunkAccess,
+    chunk_access,
+    grid_region,
+    storage_chunks,
+)
 from fractal_tasks._geometry import Box
 
 logger = logging.getLogger(__name__)
@@ -242,12 +247,6 @@ def _morton(index: Sequence[int]) -> int:
     return key
 
 
-def _region(index: Index, unit: Sequence[int], shape: Sequence[int]) -> Region:
-    return tuple(
-        slice(i * u, min((i + 1) * u, n)) for i, u, n in zip(index, unit, shape)
-    )
-
-
 class _ChunkCache:
     """Decoded source chunks shared by threads, each decoded about once.
 
@@ -390,7 +389,7 @@ class _Pyramid:
             child = tuple(self._child(k, a, i) for a, i in enumerate(index))
             if any(c * u >= n for c, u, n in zip(child, self.units[k], shape)):
                 break  # falls beyond the (cropped) level
-            region = _region(child, self.units[k], shape)
+            region = grid_region(child, self.units[k], shape)
             done, buffer = self._deposit(k, index, child, region, block)
             self._pool.give(block)
             block = None
@@ -511,7 +510,7 @@ def write_windows(
 
     def assemble(index: Index) -> np.ndarray | None:
         """Unit ``index`` of level 0, written; None if it is all zero."""
-        region = _region(index, unit, target.shape)
+        region = grid_region(index, unit, target.shape)
         pieces = plan.get(index)
         block = None
         if pieces:
@@ -618,7 +617,7 @@ def _plan(
             plan.setdefault(index, []).append(_Piece(chunk, read, put))
             covered[index] = covered.get(index, 0) + math.prod(b - a for a, b in part)
         for index, volume in covered.items():
-            region = _region(index, unit, shape)
+            region = grid_region(index, unit, shape)
             if volume == math.prod(r.stop - r.start for r in region):
                 full.add(index)
     return plan, full
