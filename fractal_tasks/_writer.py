@@ -523,8 +523,8 @@ def write_windows(
             for piece in pieces:
                 size = math.prod(s.stop - s.start for s in piece.put)
                 volume[piece.chunk] = volume.get(piece.chunk, 0) + size
-            order = sorted(volume, key=volume.__getitem__, reverse=True)
-            decoded = {chunk: cache.get(chunk) for chunk in order}
+            largest_first = sorted(volume, key=volume.__getitem__, reverse=True)
+            decoded = {chunk: cache.get(chunk) for chunk in largest_first}
             for piece in pieces:  # in window order: a later window wins
                 block[piece.put] = decoded[piece.chunk][piece.read]
             for chunk in decoded:
