@@ -138,22 +138,31 @@ def _tree_rss_kb(pid: int, descendants: bool) -> int:
     -p``), and such a fork shares the child's pages until it execs; counting
     them double-counted the child (393 MiB reported for a 249 MiB VmHWM).
     """
-    total, stack, seen = 0, [pid], set()
+    try:
+        total = _vm_rss_kb(pid)
+        stack = _children(pid) if descendants else []
+    except (OSError, ValueError):  # the child has just exited
+        return 0
+    seen = {pid}
     while stack:
         p = stack.pop()
         if p in seen:
             continue
         seen.add(p)
         try:
-            total += _vm_rss_kb(p) if p == pid else _private_kb(p)
-            if not descendants:
-                break
-            for tid in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{tid}/children") as f:
-                    stack.extend(int(c) for c in f.read().split())
+            total += _private_kb(p)
+            stack.extend(_children(p))
         except (OSError, ValueError):
             continue
     return total
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            out.extend(int(c) for c in f.read().split())
+    return out
 
 
 def _vm_rss_kb(pid: int) -> int:
