@@ -1,20 +1,25 @@
 """Per-ROI translation between an acquisition and its reference, with a verdict.
 
-Reads only the registration channel, at the chosen pyramid level, ROI by ROI
-(in parallel threads), estimates each ROI's shift, judges it, and replaces the
-shift of a failed ROI by the median of the good ROIs of the same acquisition.
+Reads only the registration channel, ROI by ROI (in parallel threads), at the
+chosen pyramid level, or at a finer one for a ROI too small there; estimates
+each ROI's shift, judges it by the evidence of its own registration, and
+replaces the shift of a failed ROI by the median of the good ROIs of the same
+acquisition.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from ngio import OmeZarrContainer
+import pandas as pd
+from ngio import OmeZarrContainer, Roi
+from ngio.tables import ConditionTable
+from ngio.utils import NgioValueError
 
 from fractal_tasks._errors import RegistrationInputError
 from fractal_tasks._geometry import Box, crop_to_common, roi_box
@@ -29,10 +34,43 @@ from fractal_tasks._shift import (
 
 logger = logging.getLogger(__name__)
 
-STATUS_COLUMN = "registration_status"
-NCC_BEFORE_COLUMN = "registration_ncc_before"
-NCC_AFTER_COLUMN = "registration_ncc_after"
-NOTE_COLUMN = "registration_note"
+MIN_ROI_PX = 32
+"""Smallest ROI size in y and x, in pixels of the level read, for a reliable
+estimate; a smaller ROI is read at the coarsest finer level where it is at
+least this large (or at level 0)."""
+
+OUTLIER_FLOOR_PX = 3.0
+"""Smallest outlier distance, in pixels of ``level_path`` (3 px at a 4x
+downsampled level is 12 level-0 px, about 4 µm at 0.33 µm/px)."""
+
+QUALITY_COLUMNS = (
+    "registration_status",
+    "registration_note",
+    "ncc_before",
+    "ncc_after",
+    "peak_significance",
+    "offset_check",
+    "level_path",
+)
+
+
+def quality_table_name(input_roi_table: str) -> str:
+    """Name of the table holding the per-ROI verdicts of ``input_roi_table``."""
+    return f"{input_roi_table}_registration_quality"
+
+
+@dataclass(frozen=True)
+class RoiEstimate:
+    """One ROI's estimate, and the level it was made at."""
+
+    estimate: ShiftEstimate
+    level_path: str
+    pixel_um: dict[str, float]  # pixel size of that level, per spatial axis
+
+    def translation_um(self) -> dict[str, float]:
+        """The estimated shift in µm per spatial axis."""
+        shift = self.estimate.shift[-len(self.pixel_um) :]
+        return {a: float(s) * p for (a, p), s in zip(self.pixel_um.items(), shift)}
 
 
 @dataclass(frozen=True)
@@ -41,21 +79,26 @@ class RoiRegistration:
 
     name: str
     translation_um: dict[str, float]
-    ncc_before: float
-    ncc_after: float
+    roi_estimate: RoiEstimate
     status: RegistrationStatus
     note: str
 
-    def columns(self) -> dict[str, object]:
-        """The ROI-table columns this outcome writes."""
+    def translation_columns(self) -> dict[str, float]:
+        """The ROI-table columns of fractal-tasks-core: ``translation_z/y/x``."""
+        t = self.translation_um
+        return {f"translation_{a}": t.get(a, 0.0) for a in ("z", "y", "x")}
+
+    def quality_row(self) -> dict[str, object]:
+        """This ROI's row of the quality table (see ``QUALITY_COLUMNS``)."""
+        e = self.roi_estimate.estimate
         return {
-            "translation_z": self.translation_um.get("z", 0.0),
-            "translation_y": self.translation_um["y"],
-            "translation_x": self.translation_um["x"],
-            NCC_BEFORE_COLUMN: self.ncc_before,
-            NCC_AFTER_COLUMN: self.ncc_after,
-            STATUS_COLUMN: self.status.value,
-            NOTE_COLUMN: self.note,
+            "registration_status": self.status.value,
+            "registration_note": self.note,
+            "ncc_before": e.ncc_before,
+            "ncc_after": e.ncc_after,
+            "peak_significance": e.peak_significance,
+            "offset_check": e.offset_check,
+            "level_path": self.roi_estimate.level_path,
         }
 
 
@@ -65,20 +108,16 @@ def channel_index(image, identifier: str, zarr_url: str) -> int:
     Raises:
         RegistrationInputError: If no channel has that wavelength id or label.
     """
-    try:
-        return image.get_channel_idx(wavelength_id=identifier)
-    except Exception:
-        pass
-    try:
-        return image.get_channel_idx(channel_label=identifier)
-    except Exception:
-        pass
-    meta = image.channels_meta if hasattr(image, "channels_meta") else None
-    known = [(c.wavelength_id, c.label) for c in meta.channels] if meta else []
+    for key in ("wavelength_id", "channel_label"):
+        try:
+            return image.get_channel_idx(**{key: identifier})
+        except NgioValueError:
+            pass
+    known = [(c.wavelength_id, c.label) for c in image.channels_meta.channels]
     raise RegistrationInputError(
         f"No channel with wavelength id or label {identifier!r} in {zarr_url!r} "
-        f"(channels as (wavelength_id, label): {known}). Set wavelength_id to one "
-        "of them."
+        f"(channels as (wavelength_id, label): {known}). Set wavelength_id (and "
+        "reference_wavelength_id, for the reference) to one of them."
     )
 
 
@@ -96,7 +135,7 @@ def level_image(container: OmeZarrContainer, level_path: str, zarr_url: str):
     return container.get_image(path=level_path)
 
 
-def channel_reader(image, channel: int, zarr_url: str):
+def channel_reader(image, channel: int, zarr_url: str) -> Callable[[Box], np.ndarray]:
     """Function reading the registration channel of a box, as (z, y, x) or (y, x)."""
     axes = image.axes
     if "t" in axes and image.shape[axes.index("t")] > 1:
@@ -122,68 +161,139 @@ def channel_reader(image, channel: int, zarr_url: str):
     return read
 
 
+@dataclass(frozen=True)
+class _Level:
+    """Both images' registration channels at one pyramid level."""
+
+    path: str
+    readers: tuple[Callable[[Box], np.ndarray], Callable[[Box], np.ndarray]]
+    geometries: tuple[tuple[dict, dict], tuple[dict, dict]]
+
+    def boxes(self, rois: tuple[Roi, Roi]) -> tuple[Box, Box]:
+        return tuple(  # type: ignore[return-value]
+            roi_box(slices_um(roi), *geometry)
+            for roi, geometry in zip(rois, self.geometries)
+        )
+
+
+def _open_level(
+    containers: tuple[OmeZarrContainer, OmeZarrContainer],
+    channels: tuple[str, str],
+    urls: tuple[str, str],
+    path: str,
+) -> _Level:
+    images = [level_image(c, path, u) for c, u in zip(containers, urls)]
+    readers = tuple(
+        channel_reader(image, channel_index(image, channel, url), url)
+        for image, channel, url in zip(images, channels, urls)
+    )
+    geometries = tuple(spatial_geometry(image) for image in images)
+    if geometries[0][0] != geometries[1][0]:
+        raise RegistrationInputError(
+            f"Pixel sizes differ at level {path}: reference {geometries[0][0]} µm, "
+            f"acquisition {geometries[1][0]} µm. Registration only shifts images; "
+            "resample the acquisitions to the reference's pixel size first."
+        )
+    return _Level(path, readers, geometries)  # type: ignore[arg-type]
+
+
+def _level_for(roi_boxes: Callable[[str], tuple[Box, Box]], paths: list[str]) -> str:
+    """The coarsest of ``paths`` (coarse to fine) where the ROI is large enough."""
+    for path in paths:
+        size = min(min(box.shape[-2:]) for box in roi_boxes(path))
+        if size >= MIN_ROI_PX:
+            return path
+    return paths[-1]
+
+
 def estimate_rois(
     reference: OmeZarrContainer,
     acquisition: OmeZarrContainer,
-    reference_rois: dict,
-    acquisition_rois: dict,
+    reference_rois: dict[str, Roi],
+    acquisition_rois: dict[str, Roi],
     *,
     urls: tuple[str, str],
-    wavelength_id: str,
+    channels: tuple[str, str],
     level_path: str,
     method: RegistrationMethod,
     quantiles: tuple[float, float],
     workers: int,
-) -> tuple[dict[str, ShiftEstimate], dict[str, float]]:
-    """Estimate the shift of every ROI, in pixels of ``level_path``.
+) -> dict[str, RoiEstimate]:
+    """Estimate the shift of every ROI, at ``level_path`` or a finer level.
 
-    Returns:
-        The estimate per ROI name and the pixel size in µm per spatial axis of
-        that level.
+    Args:
+        reference: The reference acquisition's image.
+        acquisition: The image to register.
+        reference_rois: The reference's ROIs by name.
+        acquisition_rois: The acquisition's ROIs, the same names.
+        urls: ``(reference_url, zarr_url)``, for messages.
+        channels: Registration channel (wavelength id or label) of the
+            reference and of the acquisition.
+        level_path: Pyramid level to read. A ROI smaller than ``MIN_ROI_PX``
+            in y or x there is read at the coarsest finer level where it is
+            not (or at the finest level), and the log says so.
+        method: See :class:`RegistrationMethod`.
+        quantiles: Lower and upper rescale quantiles.
+        workers: Threads estimating ROIs at once.
+
+    Raises:
+        RegistrationInputError: For a missing level or channel, pixel sizes
+            that differ, a ROI outside an image, a time series, or chi2_shift
+            on 3D images.
     """
-    images = [
-        level_image(container, level_path, url)
-        for container, url in zip((reference, acquisition), urls)
-    ]
-    readers = [
-        channel_reader(image, channel_index(image, wavelength_id, url), url)
-        for image, url in zip(images, urls)
-    ]
-    geometries = [spatial_geometry(image) for image in images]
-    if geometries[0][0] != geometries[1][0]:
-        raise RegistrationInputError(
-            f"Pixel sizes differ at level {level_path}: reference {geometries[0][0]}"
-            f" µm, acquisition {geometries[1][0]} µm. Registration only shifts "
-            "images; resample the acquisitions to the reference's pixel size first."
-        )
-    if method is RegistrationMethod.CHI2_SHIFT and geometries[0][1].get("z", 1) > 1:
+    containers = (reference, acquisition)
+    levels = {level_path: _open_level(containers, channels, urls, level_path)}
+    geometry = levels[level_path].geometries[0]
+    if method is RegistrationMethod.CHI2_SHIFT and geometry[1].get("z", 1) > 1:
         raise RegistrationInputError(
             f"method='chi2_shift' works on 2D images, but {urls[1]!r} has "
-            f"{geometries[0][1]['z']} z planes. Use 'phase_cross_correlation'."
+            f"{geometry[1]['z']} z planes. Use 'phase_cross_correlation'."
         )
+    paths = list(reference.level_paths)
+    finer = paths[: paths.index(level_path) + 1][::-1]  # coarse to fine
 
-    def one(name: str) -> ShiftEstimate:
-        boxes = [
-            roi_box(slices_um(rois[name]), *geometry)
-            for rois, geometry in zip((reference_rois, acquisition_rois), geometries)
-        ]
-        for box, url in zip(boxes, urls):
+    def level(path: str) -> _Level:
+        if path not in levels:
+            levels[path] = _open_level(containers, channels, urls, path)
+        return levels[path]
+
+    names = list(reference_rois)
+    pairs = {n: (reference_rois[n], acquisition_rois[n]) for n in names}
+    for name, rois in pairs.items():
+        for box, url in zip(level(level_path).boxes(rois), urls):
             if box.is_empty:
                 raise RegistrationInputError(
                     f"ROI {name!r} lies outside the image {url!r}; fix the ROI "
                     "table, or choose a table whose ROIs are inside the image."
                 )
-        boxes = crop_to_common(*boxes)
-        ref_pixels, acq_pixels = (read(b) for read, b in zip(readers, boxes))
-        return estimate_shift(
+    chosen = {
+        n: _level_for(lambda p, r=rois: level(p).boxes(r), finer)
+        for n, rois in pairs.items()
+    }
+    moved = sorted(n for n, p in chosen.items() if p != level_path)
+    if moved:
+        logger.info(
+            "ROI(s) %s are smaller than %d px in y or x at level %s; estimated at "
+            "level(s) %s instead.",
+            moved,
+            MIN_ROI_PX,
+            level_path,
+            sorted({chosen[n] for n in moved}),
+        )
+
+    def one(name: str) -> RoiEstimate:
+        at = level(chosen[name])
+        boxes = crop_to_common(*at.boxes(pairs[name]))
+        ref_pixels, acq_pixels = (read(b) for read, b in zip(at.readers, boxes))
+        estimate = estimate_shift(
             ref_pixels,
             acq_pixels,
             method=method,
             lower_rescale_quantile=quantiles[0],
             upper_rescale_quantile=quantiles[1],
         )
+        return RoiEstimate(estimate, at.path, at.geometries[0][0])
 
-    names = list(reference_rois)
     started = time.perf_counter()
     estimates = {}
     step = max(1, len(names) // 10)
@@ -194,18 +304,18 @@ def estimate_rois(
                 logger.info("Estimated %d/%d ROI shifts.", done, len(names))
     elapsed = time.perf_counter() - started
     logger.info(
-        "Estimated %d ROI shift(s) at level %s in %.2f s (%.3f s per ROI).",
+        "Estimated %d ROI shift(s) in %.2f s (%.3f s per ROI).",
         len(names),
-        level_path,
         elapsed,
         elapsed / max(1, len(names)),
     )
-    return estimates, geometries[0][0]
+    return estimates
 
 
 def judge(
-    estimates: dict[str, ShiftEstimate],
+    estimates: dict[str, RoiEstimate],
     pixel_um: dict[str, float],
+    level0_pixel_um: dict[str, float],
     roi_size_um: dict[str, dict[str, float]],
     *,
     max_shift: float | None,
@@ -214,31 +324,41 @@ def judge(
 ) -> list[RoiRegistration]:
     """Judge every ROI's estimate; failed ROIs fall back to the median of the good.
 
+    Args:
+        estimates: Per ROI name, from :func:`estimate_rois`.
+        pixel_um: Pixel size of ``level_path`` per spatial axis: the unit of
+            the outlier floor.
+        level0_pixel_um: Pixel size of level 0, to say how far apart the good
+            ROIs are.
+        roi_size_um: Extent of each ROI per axis, for the default max_shift.
+        max_shift: Largest plausible shift in µm (None: a quarter of the ROI
+            in y/x, half in z).
+        keep_zero_if_all_failed: Store zeros instead of raising when no ROI is
+            good.
+        zarr_url: The acquisition, for messages.
+
     Raises:
         RegistrationInputError: If no ROI is good and ``keep_zero_if_all_failed``
             is False.
     """
     names = list(estimates)
     axes = list(pixel_um)
-    shifts_px = np.array([estimates[n].shift[-len(axes) :] for n in names], float)
+    pixel = np.array([pixel_um[a] for a in axes])
+    shifts_um = np.array(
+        [[estimates[n].translation_um()[a] for a in axes] for n in names]
+    )
     if max_shift is None:  # a quarter of the ROI in y/x, half of it in z
         share = {"z": 0.5, "y": 0.25, "x": 0.25}
-        limit = np.array(
-            [
-                [share[a] * roi_size_um[n].get(a, np.inf) / pixel_um[a] for a in axes]
-                for n in names
-            ]
+        limit_um = np.array(
+            [[share[a] * roi_size_um[n].get(a, np.inf) for a in axes] for n in names]
         )
     else:
-        limit = np.full(shifts_px.shape, max_shift) / np.array(
-            [pixel_um[a] for a in axes]
-        )
+        limit_um = np.full(shifts_um.shape, max_shift)
     verdicts = judge_estimates(
-        shifts_px,
-        np.array([estimates[n].ncc_before for n in names]),
-        np.array([estimates[n].ncc_after for n in names]),
-        np.array([estimates[n].signal for n in names]),
-        max_shift_px=limit,
+        [estimates[n].estimate for n in names],
+        shifts_um / pixel,
+        max_shift=limit_um / pixel,
+        outlier_floor=OUTLIER_FLOOR_PX,
     )
     good = [i for i, v in enumerate(verdicts) if v.good]
     if not good and not keep_zero_if_all_failed:
@@ -249,23 +369,21 @@ def judge(
             "rescale quantiles and max_shift; or set keep_zero_if_all_failed=True "
             "to store zero shifts."
         )
-    fallback = np.median(shifts_px[good], axis=0) if good else np.zeros(len(axes))
+    fallback, replacement = _fallback(shifts_um[good], level0_pixel_um, axes)
     results = []
     for i, (name, verdict) in enumerate(zip(names, verdicts)):
-        shift = shifts_px[i] if verdict.good else fallback
+        shift = shifts_um[i] if verdict.good else fallback
         status = RegistrationStatus.OK
         note = ""
         if not verdict.good:
             status = RegistrationStatus.FALLBACK if good else RegistrationStatus.FAILED
-            replacement = "the median of the good ROIs" if good else "zero"
             note = f"{verdict.reason}; shift replaced by {replacement}"
             logger.warning("ROI %s of %s: %s.", name, zarr_url, note)
         results.append(
             RoiRegistration(
                 name=name,
-                translation_um={a: float(s) * pixel_um[a] for a, s in zip(axes, shift)},
-                ncc_before=float(estimates[name].ncc_before),
-                ncc_after=float(estimates[name].ncc_after),
+                translation_um={a: float(s) for a, s in zip(axes, shift)},
+                roi_estimate=estimates[name],
                 status=status,
                 note=note,
             )
@@ -273,9 +391,50 @@ def judge(
     return results
 
 
-def roi_sizes(rois: Sequence) -> dict[str, dict[str, float]]:
+def _fallback(
+    good_um: np.ndarray, level0_pixel_um: dict[str, float], axes: Sequence[str]
+) -> tuple[np.ndarray, str]:
+    """The shift given to a failed ROI, and how to describe it in its note.
+
+    The median of the good ROIs is right when the well moved as one piece;
+    when the good ROIs disagree by more than a level-0 pixel, the note gives
+    their spread, so the user sees the fallback is a guess.
+    """
+    if len(good_um) == 0:
+        return np.zeros(len(axes)), "zero"
+    median = np.median(good_um, axis=0)
+    level0 = np.array([level0_pixel_um[a] for a in axes])
+    spread_px = float(np.max(np.linalg.norm((good_um - median) / level0, axis=1)))
+    if spread_px <= 1.0:
+        return median, "the median of the good ROIs"
+    spread_um = float(np.max(np.linalg.norm(good_um - median, axis=1)))
+    return median, (
+        f"the median of the good ROIs, which differ from it by up to "
+        f"{spread_px:.1f} px ({spread_um:.2f} µm): a guess"
+    )
+
+
+def roi_sizes(rois: Sequence[Roi]) -> dict[str, dict[str, float]]:
     """Extent in µm per spatial axis of each ROI, by name."""
     return {
         name: {axis: length for axis, (_, length) in slices_um(roi).items()}
         for name, roi in by_name(list(rois)).items()
     }
+
+
+def quality_table(results: Sequence[RoiRegistration]) -> ConditionTable:
+    """The per-ROI verdicts as a condition table indexed by ROI name."""
+    frame = pd.DataFrame(
+        [r.quality_row() for r in results],
+        index=pd.Index([r.name for r in results], name="roi"),
+        columns=list(QUALITY_COLUMNS),
+    )
+    return ConditionTable(frame)
+
+
+def load_quality(container: OmeZarrContainer, input_roi_table: str) -> pd.DataFrame:
+    """The quality table of ``input_roi_table`` (empty when there is none)."""
+    name = quality_table_name(input_roi_table)
+    if name not in container.list_tables():
+        return pd.DataFrame(columns=list(QUALITY_COLUMNS))
+    return container.get_table(name).dataframe

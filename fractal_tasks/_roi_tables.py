@@ -7,7 +7,6 @@ micrometres, the shift that moves the acquisition onto the reference.
 
 from __future__ import annotations
 
-import logging
 import math
 import shutil
 from collections.abc import Mapping
@@ -15,30 +14,13 @@ from pathlib import Path
 
 import zarr
 from ngio import OmeZarrContainer, Roi
-from ngio.tables import RoiTable, write_table
+from ngio.tables import RoiTable, Table, write_table
 
 from fractal_tasks._errors import RegistrationInputError
 from fractal_tasks._geometry import SPATIAL_AXES
 from fractal_tasks._replace import replace_directory
 
 TRANSLATION_COLUMNS = {axis: f"translation_{axis}" for axis in SPATIAL_AXES}
-_OUR_COLUMN_PREFIXES = ("'translation_", "'registration_")
-
-
-def _quiet_about_our_columns(record: logging.LogRecord) -> bool:
-    """Drop ngio's warning that our documented columns are outside its spec.
-
-    ngio warns on every read of a table with extra columns; for the columns
-    this package writes on purpose, that only buries the task's own log.
-    """
-    message = record.getMessage()
-    return not (
-        "is not part of the ROI table specification" in message
-        and any(prefix in message for prefix in _OUR_COLUMN_PREFIXES)
-    )
-
-
-logging.getLogger("ngio:ngio.tables.v1._roi_table").addFilter(_quiet_about_our_columns)
 
 
 def load_rois(container: OmeZarrContainer, table: str, zarr_url: str) -> list[Roi]:
@@ -171,30 +153,41 @@ def with_columns(roi: Roi, columns: Mapping[str, object]) -> Roi:
     return roi.model_copy(update=dict(columns))
 
 
-def save_rois(
+def save_table(
     container: OmeZarrContainer,
     zarr_url: str,
-    table: str,
-    rois: list[Roi],
+    name: str,
+    table: Table,
     backend: str | None,
 ) -> None:
-    """Write ``rois`` as ROI table ``table`` in ``backend``, replacing it safely.
+    """Write ``table`` as ``name`` in ``backend``, replacing an existing one safely.
 
-    An existing table is rewritten beside itself (``<table>.writing``) and then
+    An existing table is rewritten beside itself (``<name>.writing``) and then
     exchanged in one step, so a killed run leaves the old table or the new one,
     never half of one.
     """
     backend = backend or "anndata"
-    folder = Path(zarr_url, "tables", table)
-    if table not in container.list_tables() or not folder.is_dir():
-        container.add_table(table, RoiTable(rois=rois), backend=backend, overwrite=True)
+    folder = Path(zarr_url, "tables", name)
+    if name not in container.list_tables() or not folder.is_dir():
+        container.add_table(name, table, backend=backend, overwrite=True)
         return
-    scratch = folder.with_name(table + ".writing")
+    scratch = folder.with_name(name + ".writing")
     shutil.rmtree(scratch, ignore_errors=True)
     version = zarr.open_group(str(folder), mode="r").metadata.zarr_format
     group = zarr.open_group(str(scratch), mode="w", zarr_format=version)
-    write_table(group, RoiTable(rois=rois), backend=backend)
+    write_table(group, table, backend=backend)
     replace_directory(scratch, folder)
+
+
+def save_rois(
+    container: OmeZarrContainer,
+    zarr_url: str,
+    name: str,
+    rois: list[Roi],
+    backend: str | None,
+) -> None:
+    """Write ``rois`` as ROI table ``name``, see :func:`save_table`."""
+    save_table(container, zarr_url, name, RoiTable(rois=rois), backend)
 
 
 def table_backend(container: OmeZarrContainer, table: str) -> str | None:

@@ -9,6 +9,8 @@ from pydantic import Field, validate_call
 from fractal_tasks._calculate import (
     estimate_rois,
     judge,
+    quality_table,
+    quality_table_name,
     roi_sizes,
 )
 from fractal_tasks._errors import RegistrationInputError
@@ -17,6 +19,8 @@ from fractal_tasks._parallel import available_cpus
 from fractal_tasks._roi_tables import (
     load_paired_rois,
     save_rois,
+    save_table,
+    spatial_geometry,
     table_backend,
     with_columns,
 )
@@ -33,6 +37,7 @@ def calculate_registration(
     zarr_url: str,
     init_args: InitArgsRegistration,
     wavelength_id: str,
+    reference_wavelength_id: str | None = None,
     method: RegistrationMethod = RegistrationMethod.PHASE_CROSS_CORRELATION,
     lower_rescale_quantile: Quantile = 0.0,
     upper_rescale_quantile: Quantile = 0.99,
@@ -45,24 +50,36 @@ def calculate_registration(
 
     For each ROI of `input_roi_table` (paired with the reference's ROI of the
     same name), the registration channel of both images is read at
-    `level_path`, rescaled between the given intensity quantiles, and the shift
-    is estimated with subpixel precision (phase correlation with a window and
-    a low-pass, upsampled around the peak: about 0.05 px at full resolution
-    when reading level "2"). Time series (more than one time point) are
-    refused with an error. Each ROI then gets a verdict: a ROI
-    with too little signal, no gain in correlation from the shift, a shift
-    beyond `max_shift`, or a shift far from the other ROIs of the acquisition
-    is a failure; its translation is replaced by the median of the good ROIs
-    (status `fallback`) and a warning names it.
+    `level_path`, rescaled between the given intensity quantiles, its smooth
+    background removed, and the shift is estimated with subpixel precision
+    (phase correlation with a window and a low-pass, refined around the
+    peak). A ROI smaller than 32 px in y or x at `level_path` is read at
+    the coarsest finer level where it is not, and the log says so. Time series
+    (more than one time point) are refused with an error.
 
-    The acquisition's `input_roi_table` gets these columns per ROI:
-    `translation_z`, `translation_y`, `translation_x` (micrometres, the shift
-    that moves the acquisition onto the reference: acquisition pixel `p` shows
-    what reference pixel `p + translation` shows), `registration_ncc_before`
-    and `registration_ncc_after` (normalized cross-correlation of the
-    registration channel before and after the shift, -1 to 1),
-    `registration_status` (`ok`, `fallback` or `failed`) and
-    `registration_note` (why a ROI was not `ok`).
+    Each ROI then gets a verdict from the evidence of its own registration: a
+    correlation peak that does not stand out of the correlation surface
+    (empty, saturated, defocused or unrelated images), a match that does not
+    move with the content when the images are cropped with a known offset
+    (a smooth gradient, vignetting, no unique answer), no gain in correlation
+    from the shift, a shift beyond `max_shift`, or a shift far from the other
+    ROIs of the acquisition when those agree closely: the ROI failed. Its
+    translation is replaced by the median of the good ROIs (status
+    `fallback`; the note gives the spread of the good ROIs when they differ
+    by more than a pixel) and one warning names it.
+
+    The acquisition's `input_roi_table` gets `translation_z`,
+    `translation_y`, `translation_x` per ROI (micrometres, the shift that
+    moves the acquisition onto the reference: acquisition pixel `p` shows
+    what reference pixel `p + translation` shows; the columns of
+    fractal-tasks-core). The verdicts go to the condition table
+    `<input_roi_table>_registration_quality`, one row per ROI name:
+    `registration_status` (`ok`, `fallback` or `failed`),
+    `registration_note` (why a ROI is not `ok`), `ncc_before` and
+    `ncc_after` (normalized cross-correlation, -1 to 1, of the prepared
+    registration channel without and with the shift), `peak_significance`
+    (the correlation peak in robust standard deviations of the surface) and
+    `offset_check`, and the `level_path` the ROI was estimated at.
 
     Args:
         zarr_url: Path or url to the individual OME-Zarr image to be processed.
@@ -74,6 +91,10 @@ def calculate_registration(
         wavelength_id: Channel used for registration, by wavelength id (e.g.
             `A01_C01` for Yokogawa, `C01` for MD) or by channel label (e.g.
             `DAPI`). It should show the same structures in every cycle.
+        reference_wavelength_id: Channel of the reference acquisition to
+            register against, by wavelength id or label, when the reference
+            cycle shows the same structures on another channel. Default: the
+            same as `wavelength_id`.
         method: `phase_cross_correlation` (2D and 3D, subpixel) or
             `chi2_shift` (image_registration package, 2D only).
         lower_rescale_quantile: Intensities below this quantile (0 to 1) of
@@ -115,21 +136,24 @@ def calculate_registration(
         reference, acquisition, input_roi_table, reference_url, zarr_url
     )
     backend = table_backend(acquisition, input_roi_table)
-    estimates, pixel_um = estimate_rois(
+    estimates = estimate_rois(
         reference,
         acquisition,
         reference_rois,
         acquisition_rois,
         urls=(reference_url, zarr_url),
-        wavelength_id=wavelength_id,
+        channels=(reference_wavelength_id or wavelength_id, wavelength_id),
         level_path=level_path,
         method=method,
         quantiles=(lower_rescale_quantile, upper_rescale_quantile),
         workers=available_cpus(),
     )
+    pixel_um, _ = spatial_geometry(acquisition.get_image(path=level_path))
+    level0_pixel_um, _ = spatial_geometry(acquisition.get_image())
     results = judge(
         estimates,
         pixel_um,
+        level0_pixel_um,
         roi_sizes(reference_rois.values()),
         max_shift=max_shift,
         keep_zero_if_all_failed=keep_zero_if_all_failed,
@@ -139,17 +163,28 @@ def calculate_registration(
         t = result.translation_um
         logger.info(
             "ROI %s: translation (z, y, x) = (%.3f, %.3f, %.3f) µm, NCC %.3f -> "
-            "%.3f, %s.",
+            "%.3f, peak %.1f, offset check %.2f px, %s.",
             result.name,
             t.get("z", 0.0),
             t["y"],
             t["x"],
-            result.ncc_before,
-            result.ncc_after,
+            result.roi_estimate.estimate.ncc_before,
+            result.roi_estimate.estimate.ncc_after,
+            result.roi_estimate.estimate.peak_significance,
+            result.roi_estimate.estimate.offset_check,
             result.status.value,
         )
-    updated = [with_columns(acquisition_rois[r.name], r.columns()) for r in results]
+    updated = [
+        with_columns(acquisition_rois[r.name], r.translation_columns()) for r in results
+    ]
     save_rois(acquisition, zarr_url, input_roi_table, updated, backend)
+    save_table(
+        acquisition,
+        zarr_url,
+        quality_table_name(input_roi_table),
+        quality_table(results),
+        backend,
+    )
     counts = {
         s: sum(r.status.value == s for r in results)
         for s in ("ok", "fallback", "failed")

@@ -6,14 +6,20 @@ from _workflow import calculate, urls_of
 from ngio import open_ome_zarr_container
 from ngio.tables import RoiTable
 
+from fractal_tasks._calculate import load_quality
 from fractal_tasks._errors import RegistrationInputError
 
 FOV = dict(fov_shape=(128, 160), n_acquisitions=2)
 
 
 def _rois(url):
-    table = open_ome_zarr_container(url).get_roi_table("FOV_ROI_table")
-    return {r.name: r.model_extra for r in table.rois()}
+    """Per ROI name: the ROI table's extra columns and the quality table's row."""
+    container = open_ome_zarr_container(url)
+    quality = load_quality(container, "FOV_ROI_table")
+    return {
+        r.name: {**r.model_extra, **quality.loc[r.name].to_dict()}
+        for r in container.get_roi_table("FOV_ROI_table").rois()
+    }
 
 
 def _found_px(plate, extra):
@@ -65,7 +71,11 @@ def test_empty_fov_falls_back_to_the_median_of_the_good_ones(make_plate):
     calculate(plate)
     rois = _rois(url)
     assert rois["FOV_2"]["registration_status"] == "fallback"
-    assert "signal" in rois["FOV_2"]["registration_note"]
+    note = rois["FOV_2"]["registration_note"]
+    assert note.startswith("correlation undefined (constant image")
+    # the synthetic FOVs moved independently by up to a few pixels: the note
+    # says the fallback is a guess, with the spread of the good ROIs
+    assert "which differ from it by up to" in note and note.endswith("a guess")
     good = np.array([_found_px(plate, rois[n]) for n in ("FOV_1", "FOV_3", "FOV_4")])
     np.testing.assert_allclose(
         _found_px(plate, rois["FOV_2"]), np.median(good, axis=0), atol=1e-6
@@ -144,7 +154,7 @@ def test_chi2_shift_writes_the_same_columns(make_plate):
     url = urls_of(plate)[1]
     for name, extra in _rois(url).items():
         assert extra["registration_status"] == "ok"
-        assert extra["registration_ncc_after"] >= extra["registration_ncc_before"]
+        assert extra["ncc_after"] >= extra["ncc_before"]
         np.testing.assert_array_equal(
             np.round(_found_px(plate, extra)), plate.true_translation_px(url, name)
         )
@@ -154,3 +164,45 @@ def test_chi2_shift_refuses_3d(make_plate):
     plate = make_plate(n_z=3, **FOV)
     with pytest.raises(RegistrationInputError, match="chi2_shift.*2D"):
         calculate(plate, method="chi2_shift")
+
+
+def test_rois_too_small_at_the_level_are_estimated_at_a_finer_one(make_plate, caplog):
+    """A 64x64 image, two FOVs of 32x64 px (8x16 px at level 2), a 10x10 bright
+    block in each, moved by (4, 8) px in the acquisition: found exactly."""
+    plate = make_plate(fovs=(2, 1), fov_shape=(32, 64), n_acquisitions=2, labels=False)
+    reference_url, url = urls_of(plate)
+    for image_url, offset in ((reference_url, (0, 0)), (url, (4, 8))):
+        image = open_ome_zarr_container(image_url).get_image()
+        data = np.full(image.shape, 100, dtype=image.dtype)
+        for top in (8, 40):  # one block per FOV
+            y, x = top + offset[0], 20 + offset[1]
+            data[..., y : y + 10, x : x + 10] = 3000
+        image.set_array(data)
+        image.consolidate(mode="auto")
+    with caplog.at_level("INFO"):
+        calculate(plate, level_path="2")
+    assert "smaller than 32 px in y or x at level 2; estimated at level(s) ['0']" in (
+        caplog.text
+    )
+    for name, extra in _rois(url).items():
+        assert extra["registration_status"] == "ok", extra["registration_note"]
+        assert extra["level_path"] == "0"
+        found = _found_px(plate, extra)
+        np.testing.assert_allclose(found, [0.0, -4.0, -8.0], atol=0.05, err_msg=name)
+
+
+def test_reference_channel_of_its_own(make_plate):
+    """reference_wavelength_id picks the reference's channel (id or label); the
+    result equals registering on the same channel, and a missing one errs."""
+    plate = make_plate(**FOV)
+    url = urls_of(plate)[1]
+    calculate(plate)
+    same = _rois(url)
+    calculate(plate, reference_wavelength_id="DAPI")  # the same channel, by label
+    by_label = _rois(url)
+    for name in same:
+        for axis in "zyx":
+            key = f"translation_{axis}"
+            assert by_label[name][key] == pytest.approx(same[name][key], abs=1e-9)
+    with pytest.raises(RegistrationInputError, match="'NOPE'.*reference_wavelength_id"):
+        calculate(plate, reference_wavelength_id="NOPE")
