@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     updates = run_workflow(urls, str(out), out / "task-logs", level_path="2")
     from ngio import open_ome_zarr_container
 
+    from fractal_tasks._calculate import load_quality
+
     print(
         f"\n{'image':<22}{'FOV':<7}{'true (y, x) px':>18}{'recovered (y, x) px':>23}"
         f"{'error px':>10}  status"
@@ -167,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     for image in plate.images:
         if image.acquisition == 0:
             continue
-        table = open_ome_zarr_container(image.zarr_url).get_roi_table("FOV_ROI_table")
-        for roi in table.rois():
+        container = open_ome_zarr_container(image.zarr_url)
+        quality = load_quality(container, "FOV_ROI_table")
+        for roi in container.get_roi_table("FOV_ROI_table").rois():
             extra = roi.model_extra
             found = np.array([extra["translation_y"], extra["translation_x"]])
             found /= plate.pixel_size
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{name:<22}{roi.name:<7}{true[0]:>8.2f}, {true[1]:>7.2f}"
                 f"{found[0]:>13.2f}, {found[1]:>7.2f}{error:>10.2f}  "
-                f"{extra['registration_status']}"
+                f"{quality.loc[roi.name, 'registration_status']}"
             )
     print(
         f"\nLargest error {max(errors):.2f} px, mean {np.mean(errors):.2f} px "
