@@ -3,7 +3,9 @@
 Runs with the *server* venv's python: it needs fractal_server only for the
 manifest check; everything else goes through the server's REST API with
 urllib. Pixel checks and plate building run in the package's own python
-(``--pkg-python``) through the helper scripts in ``.ci/e2e/``.
+(``--pkg-python``) through the helper scripts in ``.ci/e2e/``. With
+``--backend slurm`` the workflow tasks get SLURM batching meta and the
+SLURM-specific checks of ``.ci/slurm/checks.py`` run on the job folder.
 """
 
 from __future__ import annotations
@@ -32,6 +34,16 @@ EXPECTED_TASKS = {
     APPLY: ("parallel", None, "apply_registration_to_image.py"),
 }
 BAD_WAVELENGTH = "NOPE"
+BAD_WAVELENGTH_MESSAGE = "No channel with wavelength id or label"
+
+# SLURM runs: per-task meta (merged by the server over the manifest's meta).
+# The node has 2 CPUs: Calculate gets 2 CPUs per task, two tasks one after the
+# other in each SLURM job; Apply gets 1 CPU per task, 3 tasks per job (one
+# well of 3 cycles) of which 2 run at the same time.
+SLURM_META = {
+    CALC: {"cpus_per_task": 2, "mem": 2000, "tasks_per_job": 2, "parallel_tasks_per_job": 1},
+    APPLY: {"cpus_per_task": 1, "mem": 1500, "tasks_per_job": 3, "parallel_tasks_per_job": 2},
+}
 
 FAILURES: list[str] = []
 
@@ -349,8 +361,11 @@ def route_args(task: dict, args: dict) -> tuple[dict | None, dict | None]:
     return non_par, par
 
 
-def make_workflow(api, project_id, name, steps, tasks_by_name) -> int:
-    """Create a workflow from (task name, args) steps; return its id."""
+def make_workflow(api, project_id, name, steps, tasks_by_name, meta=None) -> int:
+    """Create a workflow from (task name, args) steps; return its id.
+
+    ``meta`` maps task names to their ``meta_parallel`` (SLURM resources).
+    """
     wf = api.post(f"/api/v2/project/{project_id}/workflow/", {"name": name})
     payload = []
     for task_name, args in steps:
@@ -361,6 +376,8 @@ def make_workflow(api, project_id, name, steps, tasks_by_name) -> int:
             item["args_non_parallel"] = non_par
         if par:
             item["args_parallel"] = par
+        if meta and task_name in meta:
+            item["meta_parallel"] = meta[task_name]
         payload.append(item)
     created = api.post(
         f"/api/v2/project/{project_id}/workflow/{wf['id']}/wftask/", payload
@@ -432,6 +449,46 @@ def print_tail(text: str | None, n: int = 60) -> None:
     print("\n".join(lines[-n:]))
 
 
+def give_to_slurm_user(ns, path: str) -> None:
+    """SLURM runs: the unprivileged SLURM user must own what the tasks write."""
+    if ns.backend == "slurm":
+        subprocess.run(["chown", "-R", f"{ns.slurm_user}:", path], check=True)
+
+
+def check_task_logs(ns, job: dict) -> None:
+    """No task log of a clean run may contain "warning" (any case).
+
+    The logs are the files the server keeps in the job folder. Without
+    ``--strict-logs`` the lines are listed but do not fail the test.
+    """
+    hits = task_log_warnings(Path(job["working_dir"]))
+    n = sum(len(v) for v in hits.values())
+    for log_file, lines in sorted(hits.items()):
+        for ln in lines:
+            say(f"warning line in {log_file}: {ln}")
+    what = f"no task log of job {job['id']} contains 'warning' (any case)"
+    if ns.strict_logs:
+        check(n == 0, what + (f" -- {n} line(s) do" if n else ""))
+    elif n:
+        say(f"NOTE {n} 'warning' line(s) in task logs (not fatal: --strict-logs is off)")
+    else:
+        say(f"ok   {what} (--strict-logs is off)")
+
+
+def task_log_warnings(job_dir: Path) -> dict[str, list[str]]:
+    """Task log file (relative to the job folder) -> its lines with "warning"."""
+    out: dict[str, list[str]] = {}
+    for log_file in sorted(job_dir.glob("*/*-log.txt")):
+        lines = [
+            ln.rstrip()
+            for ln in log_file.read_text(errors="replace").splitlines()
+            if "warning" in ln.lower()
+        ]
+        if lines:
+            out[str(log_file.relative_to(job_dir))] = lines
+    return out
+
+
 def cmd_smoke(ns) -> None:
     """Collect the throwaway wheel and run a passing and a failing job."""
     api = Client(ns.url)
@@ -443,6 +500,7 @@ def cmd_smoke(ns) -> None:
     ds = new_dataset(api, project["id"], "smoke", ns.project_dir)
     zarr_dir = ds["zarr_dir"]
     Path(zarr_dir, "img.zarr").mkdir(parents=True)
+    give_to_slurm_user(ns, zarr_dir)
     api.post(
         f"/api/v2/project/{project['id']}/dataset/{ds['id']}/images/",
         {"zarr_url": f"{zarr_dir}/img.zarr", "types": {"is_3D": False}},
@@ -496,6 +554,7 @@ def cmd_run(ns) -> None:
         check=True,
     )
     plate = json.loads(plate_json.read_text())
+    give_to_slurm_user(ns, zarr_dir)
     register_images(api, pid, ds["id"], plate)
     inputs = [im["zarr_url"] for im in plate["images"]]
     check(
@@ -521,6 +580,7 @@ def cmd_run(ns) -> None:
             ),
         ],
         tasks,
+        meta=SLURM_META if ns.backend == "slurm" else None,
     )
     t0 = time.time()
     job = run_job(api, pid, wf_id, ds["id"], ns.timeout)
@@ -573,6 +633,10 @@ def cmd_run(ns) -> None:
             ],
         )
         check(res.returncode == 0, "pixel checks (check_pixels.py) pass")
+        # --- task logs and (SLURM) CPUs and batching ---------------------------
+        check_task_logs(ns, job)
+        if ns.backend == "slurm":
+            slurm_checks(ns, job, plate)
 
     # --- negative case --------------------------------------------------------
     ds_bad = new_dataset(api, pid, "plate-bad-args", ns.project_dir)
@@ -601,8 +665,32 @@ def cmd_run(ns) -> None:
         say(f"error line: {hits[-1]}")
     else:
         print_tail(log_bad, 60)
+    if ns.backend == "slurm":
+        check(
+            BAD_WAVELENGTH_MESSAGE in log_bad,
+            f"its job log has our message {BAD_WAVELENGTH_MESSAGE!r}",
+        )
     summary["images"] = len(inputs)
     finish(ns, summary)
+
+
+def slurm_checks(ns, job: dict, plate: dict) -> None:
+    """CPUs per step and batching of the SLURM jobs (see .ci/slurm/checks.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "slurm"))
+    sys.dont_write_bytecode = True  # no __pycache__ in the source tree
+    import checks as slurm_checks_mod
+
+    expected = {name: meta for name, meta in SLURM_META.items()}
+    wells = {im["zarr_url"]: im["well"] for im in plate["images"]}
+    for ok, what in slurm_checks_mod.run_checks(
+        job_dir=Path(job["working_dir"]),
+        steps_log=Path(ns.slurm_dir) / "log" / "steps.log",
+        jobcomp_log=Path(ns.slurm_dir) / "log" / "jobcomp.log",
+        expected_meta=expected,
+        well_of=wells,
+        say=say,
+    ):
+        check(ok, what)
 
 
 def finish(ns, summary: dict) -> None:
@@ -643,6 +731,10 @@ def main() -> None:
         p.add_argument("--project-dir", required=True)
         p.add_argument("--timeout", type=float, default=1200)
         p.add_argument("--server-version", default="?")
+        p.add_argument("--backend", choices=("local", "slurm"), default="local")
+        p.add_argument("--slurm-user", default=None)
+        p.add_argument("--slurm-dir", default=None)
+        p.add_argument("--strict-logs", action="store_true")
         if name == "run":
             p.add_argument("--pkg-python", required=True)
             p.add_argument("--checks-dir", required=True)

@@ -2,9 +2,11 @@
 # End-to-end test: collect fractal_tasks into a real fractal-server (local
 # runner, PostgreSQL) and run the registration workflow on a synthetic plate.
 #
-# Usage: bash .ci/fractal_server_e2e.sh [--smoke]
+# Usage: bash .ci/fractal_server_e2e.sh [--smoke] [--slurm]
 #   --smoke   test only the server machinery: collect a throwaway wheel made on
 #             the fly and run one no-op job (does not need fractal_tasks).
+#   --slurm   use fractal-server's slurm_sudo runner on a single-node SLURM
+#             cluster started here (see .ci/fractal_server_slurm_e2e.sh).
 #
 # Environment (all optional):
 #   FRACTAL_E2E_PKG_PYTHON   python with fractal_tasks + ngio installed
@@ -13,6 +15,9 @@
 #   FRACTAL_E2E_SERVER_VENV  reuse an existing server venv instead of making one
 #   FRACTAL_E2E_KEEP=1       keep the work dir (it is kept on failure anyway)
 #   FRACTAL_E2E_TIMEOUT      seconds to wait for a collection or a job (default 1200)
+#   FRACTAL_E2E_STRICT_LOGS=1   fail if a task log of the clean run contains
+#                            "warning" (any case); otherwise such lines are only listed
+#   FRACTAL_E2E_SLURM_USER   the unprivileged SLURM user (--slurm; default fractal-e2e-user)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -21,11 +26,15 @@ PKG_PY="${FRACTAL_E2E_PKG_PYTHON:-$REPO/.venv/bin/python}"
 SERVER_SPEC="${FRACTAL_E2E_SERVER_SPEC:-fractal-server}"
 KEEP="${FRACTAL_E2E_KEEP:-0}"
 TIMEOUT="${FRACTAL_E2E_TIMEOUT:-1200}"
+STRICT_LOGS="${FRACTAL_E2E_STRICT_LOGS:-0}"
 MODE=full
+BACKEND=local
+SLURM_USER="${FRACTAL_E2E_SLURM_USER:-fractal-e2e-user}"
 for arg in "$@"; do
     case "$arg" in
         --smoke) MODE=smoke ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        --slurm) BACKEND=slurm ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) echo "unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
@@ -65,6 +74,11 @@ cleanup() {
         done
         kill -KILL -- "-$SERVER_PID" 2>/dev/null
         wait "$SERVER_PID" 2>/dev/null
+    fi
+    if [ "$BACKEND" = slurm ] && declare -F slurm_down >/dev/null; then
+        [ -n "${SLURM_DIR:-}" ] && log "stopping SLURM (jobs, slurmd, slurmctld, munged)"
+        slurm_down
+        slurm_user_teardown
     fi
     if [ "$PG_STARTED" = 1 ]; then
         log "stopping PostgreSQL"
@@ -128,10 +142,25 @@ PY_VERSION="${found%% *}"
 PY_MINOR="${PY_VERSION%.*}"
 log "server Python: $SERVER_BASE_PY ($PY_VERSION)"
 
+if [ "$BACKEND" = slurm ]; then
+    # shellcheck source=slurm/cluster.sh
+    source "$HERE/slurm/cluster.sh"
+    # shellcheck source=slurm/users.sh
+    source "$HERE/slurm/users.sh"
+    slurm_install
+    slurm_user_setup "$SLURM_USER"
+    # the SLURM jobs run the server venv's and the task venv's python as
+    # $SLURM_USER: both lead back to this interpreter
+    slurm_user_reach "$SLURM_USER" "$SERVER_BASE_PY"
+    slurm_up "$WORK/slurm" "$SERVER_BASE_PY"
+fi
+
 # --------------------------------------------------------------------------
 # 2. Server venv (in the background while PostgreSQL starts)
 # --------------------------------------------------------------------------
 mkdir -p "$WORK/server" "$WORK/tasks" "$WORK/jobs" "$WORK/project" "$WORK/wheels"
+# the SLURM user owns the project dir (zarrs, fractal-server's per-user job dirs)
+[ "$BACKEND" = slurm ] && chown "$SLURM_USER:" "$WORK/project"
 if [ -n "${FRACTAL_E2E_SERVER_VENV:-}" ]; then
     SVENV="$FRACTAL_E2E_SERVER_VENV"
     log "reusing server venv $SVENV"
@@ -247,20 +276,32 @@ fi
 JWT_SECRET="$("$SVENV/bin/python" -c 'import secrets; print(secrets.token_urlsafe(32))')"
 ADMIN_EMAIL="admin@example.org"
 ADMIN_PASSWORD="$("$SVENV/bin/python" -c 'import secrets; print(secrets.token_urlsafe(12))')"
+RUNNER_BACKEND=local
+RESOURCE_IN="$HERE/e2e/resource.json.in"
+PROFILE_JSON="$HERE/e2e/profile.json"
+if [ "$BACKEND" = slurm ]; then
+    RUNNER_BACKEND=slurm_sudo
+    RESOURCE_IN="$HERE/slurm/resource.json.in"
+    PROFILE_JSON="$WORK/server/profile.json"
+    sed -e "s|@SLURM_USER@|$SLURM_USER|" "$HERE/slurm/profile.json.in" >"$PROFILE_JSON"
+fi
 sed -e "s|@JWT_SECRET_KEY@|$JWT_SECRET|" -e "s|@PG_PORT@|$PG_PORT|" -e "s|@PG_USER@|fractal|" \
     -e "s|@PG_PASSWORD@|$PG_PASSWORD|" -e "s|@PG_DB@|fractal|" \
+    -e "s|^FRACTAL_RUNNER_BACKEND=.*|FRACTAL_RUNNER_BACKEND=$RUNNER_BACKEND|" \
     "$HERE/e2e/fractal_server.env.in" >"$WORK/server/.fractal_server.env"
 sed -e "s|@TASKS_DIR@|$WORK/tasks|" -e "s|@JOBS_DIR@|$WORK/jobs|" \
     -e "s|@PY_MINOR@|$PY_MINOR|g" -e "s|@PY_EXE@|$SERVER_BASE_PY|" \
-    "$HERE/e2e/resource.json.in" >"$WORK/server/resource.json"
+    -e "s|@WORKER_PY@|$SVENV/bin/python|" -e "s|@NODE_CPUS@|${SLURM_NODE_CPUS:-1}|g" \
+    -e "s|@NODE_MEM_MB@|${SLURM_NODE_MEM_MB:-1000}|g" \
+    "$RESOURCE_IN" >"$WORK/server/resource.json"
 
 cd "$WORK/server"   # fractal-server reads ./.fractal_server.env
 log "fractalctl set-db"
 "$SVENV/bin/fractalctl" set-db >"$WORK/server/set-db.log" 2>&1 ||
     { tail -n 40 "$WORK/server/set-db.log" >&2; die "fractalctl set-db failed"; }
-log "fractalctl init-db-data (admin user, local resource and profile)"
+log "fractalctl init-db-data (admin user, $RUNNER_BACKEND resource and profile)"
 "$SVENV/bin/fractalctl" init-db-data --resource "$WORK/server/resource.json" \
-    --profile "$HERE/e2e/profile.json" --admin-email "$ADMIN_EMAIL" \
+    --profile "$PROFILE_JSON" --admin-email "$ADMIN_EMAIL" \
     --admin-pwd "$ADMIN_PASSWORD" --admin-project-dir "$WORK/project" \
     >"$WORK/server/init-db-data.log" 2>&1 ||
     { tail -n 40 "$WORK/server/init-db-data.log" >&2; die "fractalctl init-db-data failed"; }
@@ -289,6 +330,10 @@ log "fractal-server is up"
 # --------------------------------------------------------------------------
 COMMON=(--url "$URL" --email "$ADMIN_EMAIL" --password "$ADMIN_PASSWORD"
     --wheel "$WHEEL" --work "$WORK" --project-dir "$WORK/project" --timeout "$TIMEOUT")
+if [ "$BACKEND" = slurm ]; then
+    COMMON+=(--backend slurm --slurm-user "$SLURM_USER" --slurm-dir "$WORK/slurm")
+fi
+[ "$STRICT_LOGS" = 1 ] && COMMON+=(--strict-logs)
 if [ "$MODE" = full ]; then
     "${DRIVER[@]}" run "${COMMON[@]}" --pkg-python "$PKG_PY" --checks-dir "$HERE/e2e" \
         --server-version "$FS_VERSION"
