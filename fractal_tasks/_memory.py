@@ -25,8 +25,10 @@ def return_freed_memory() -> bool:
     page fault per page of each new buffer, which the writer mostly avoids by
     reusing its chunk buffers (``_buffers.BufferPool``).
 
-    This is process-wide and lasts for the process (a Fractal task runs in its
-    own). Returns False, changing nothing, outside glibc.
+    This is process-wide and lasts for the process, so only the task's
+    executable calls it (Fractal runs each task in a process of its own); the
+    task function, called from a scientist's Python session, does not. Returns
+    False, changing nothing, outside glibc.
     """
     if not sys.platform.startswith("linux"):
         return False

@@ -6,7 +6,6 @@ from typing import Any
 from pydantic import validate_call
 
 from fractal_tasks._apply import commit, plan_apply, write_registered
-from fractal_tasks._memory import return_freed_memory
 from fractal_tasks._parallel import available_cpus
 
 logger = logging.getLogger("apply_registration_to_image")
@@ -29,7 +28,9 @@ def apply_registration_to_image(
     pixel) for labels, whose values are preserved exactly. Labels are
     registered the same way (if `register_labels`). ROI tables are copied from
     the reference (the image is now in its frame); other tables are copied from
-    the acquisition unchanged, with a warning.
+    the acquisition unchanged: feature and condition tables as they are, and
+    any other table with a warning (coordinates in it do not follow the
+    registration).
 
     The new image is built next to the input and put in place in one atomic
     step only once complete: a killed run leaves the input as it was. With
@@ -74,7 +75,6 @@ def apply_registration_to_image(
         len(plan.image_pairs),
         sorted(plan.label_pairs),
     )
-    return_freed_memory()
     write_registered(plan, workers=available_cpus())
     return commit(plan)
 
@@ -82,4 +82,9 @@ def apply_registration_to_image(
 if __name__ == "__main__":
     from fractal_task_tools.task_wrapper import run_fractal_task
 
+    from fractal_tasks._memory import return_freed_memory
+
+    # Process-wide allocator tuning: only here, where the process is the task's
+    # own (Fractal starts one per image), never when the function is called.
+    return_freed_memory()
     run_fractal_task(task_function=apply_registration_to_image)
