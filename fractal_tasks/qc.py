@@ -6,8 +6,8 @@ table; rows of the picture) and every non-reference image of the well (columns),
 the registration channel of the reference in green over that of the
 acquisition in magenta:
 
-* BEFORE: both images cut at the same FOV box, as acquired.
-* AFTER: the acquisition's crop moved by the translation stored by "Calculate
+* before: both images cut at the same FOV box, as acquired.
+* after: the acquisition's crop moved by the translation stored by "Calculate
   Registration (image-based)"; pixels the moved crop does not cover are 0.
 
 Where the two images agree the overlay is grey to white; a misalignment shows
@@ -18,36 +18,36 @@ level, the status (``ok``/``fallback``/``failed``, also the colour of the
 frame: green/orange/red) and the normalized cross-correlation before and after
 the shift, as stored by the calculation.
 
-Only numpy and scikit-image are used: the picture is an RGB array composed
-here, with text from a small built-in 5x7 bitmap font.
+The overlays are composed with numpy; frames, arrows and text are drawn with
+Pillow, in DejaVu Sans when the system has it (most Linux distributions ship
+it) and else in Pillow's built-in font.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import sys
-import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from ngio import open_ome_zarr_container
+from ngio import OmeZarrContainer, open_ome_zarr_container
+from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
-from skimage.draw import line_aa
 
 from fractal_tasks._calculate import (
-    NCC_AFTER_COLUMN,
-    NCC_BEFORE_COLUMN,
-    STATUS_COLUMN,
     channel_index,
     channel_reader,
     level_image,
+    load_quality,
 )
 from fractal_tasks._errors import RegistrationInputError
 from fractal_tasks._geometry import SPATIAL_AXES, crop_to_common, roi_box
-from fractal_tasks._hcs import open_well, reference_path
+from fractal_tasks._hcs import acquisition_of, open_well, reference_path
 from fractal_tasks._roi_tables import (
     by_name,
     load_rois,
@@ -63,7 +63,8 @@ PANEL_PIXEL_BUDGET = 2_500_000  # image pixels of all panels, before upscaling
 NORMALIZE_PERCENTILES = (1.0, 99.5)
 VECTOR_SCALES = (5, 4, 3, 2, 1)  # largest that keeps every arrow in its panel
 
-STATUS_COLOURS = {
+Colour = tuple[int, int, int]
+STATUS_COLOURS: dict[str, Colour] = {
     "ok": (40, 200, 60),
     "fallback": (255, 150, 0),
     "failed": (230, 30, 30),
@@ -75,171 +76,130 @@ DIM_TEXT_COLOUR = (160, 160, 160)
 BACKGROUND = (24, 24, 28)
 
 # ---------------------------------------------------------------------------
-# A 5x7 bitmap font. Lower-case letters are drawn as capitals, except the
-# three unit glyphs below (private code points), used for "µm", "px" and "x5".
+# Text.
 # ---------------------------------------------------------------------------
 
-_M, _P, _X = "\x01", "\x02", "\x03"
-UM = "µ" + _M
-PX = _P + _X
-TIMES = _X
+FONT_SIZE = 15  # pixels
+FONT_FILES = ("DejaVuSans.ttf",)  # looked up in the system's font folders
+# What to write instead of a character that the font has no glyph for.
+_PLAIN_SUBSTITUTES = {"µ": "u", "×": "x", "→": ">", "·": ","}
 
-_FONT_SOURCE = {
-    " ": "..... ..... ..... ..... ..... ..... .....",
-    "0": ".###. #...# #..## #.#.# ##..# #...# .###.",
-    "1": "..#.. .##.. ..#.. ..#.. ..#.. ..#.. .###.",
-    "2": ".###. #...# ....# ...#. ..#.. .#... #####",
-    "3": "##### ...#. ..#.. ...#. ....# #...# .###.",
-    "4": "...#. ..##. .#.#. #..#. ##### ...#. ...#.",
-    "5": "##### #.... ####. ....# ....# #...# .###.",
-    "6": "..##. .#... #.... ####. #...# #...# .###.",
-    "7": "##### ....# ...#. ..#.. .#... .#... .#...",
-    "8": ".###. #...# #...# .###. #...# #...# .###.",
-    "9": ".###. #...# #...# .#### ....# ...#. .##..",
-    "A": ".###. #...# #...# ##### #...# #...# #...#",
-    "B": "####. #...# #...# ####. #...# #...# ####.",
-    "C": ".###. #...# #.... #.... #.... #...# .###.",
-    "D": "###.. #..#. #...# #...# #...# #..#. ###..",
-    "E": "##### #.... #.... ####. #.... #.... #####",
-    "F": "##### #.... #.... ####. #.... #.... #....",
-    "G": ".###. #...# #.... #.### #...# #...# .####",
-    "H": "#...# #...# #...# ##### #...# #...# #...#",
-    "I": ".###. ..#.. ..#.. ..#.. ..#.. ..#.. .###.",
-    "J": "..### ...#. ...#. ...#. ...#. #..#. .##..",
-    "K": "#...# #..#. #.#.. ##... #.#.. #..#. #...#",
-    "L": "#.... #.... #.... #.... #.... #.... #####",
-    "M": "#...# ##.## #.#.# #.#.# #...# #...# #...#",
-    "N": "#...# #...# ##..# #.#.# #..## #...# #...#",
-    "O": ".###. #...# #...# #...# #...# #...# .###.",
-    "P": "####. #...# #...# ####. #.... #.... #....",
-    "Q": ".###. #...# #...# #...# #.#.# #..#. .##.#",
-    "R": "####. #...# #...# ####. #.#.. #..#. #...#",
-    "S": ".#### #.... #.... .###. ....# ....# ####.",
-    "T": "##### ..#.. ..#.. ..#.. ..#.. ..#.. ..#..",
-    "U": "#...# #...# #...# #...# #...# #...# .###.",
-    "V": "#...# #...# #...# #...# #...# .#.#. ..#..",
-    "W": "#...# #...# #...# #.#.# #.#.# #.#.# .#.#.",
-    "X": "#...# #...# .#.#. ..#.. .#.#. #...# #...#",
-    "Y": "#...# #...# .#.#. ..#.. ..#.. ..#.. ..#..",
-    "Z": "##### ....# ...#. ..#.. .#... #.... #####",
-    ".": "..... ..... ..... ..... ..... .##.. .##..",
-    ",": "..... ..... ..... ..... .##.. ..#.. .#...",
-    "-": "..... ..... ..... .###. ..... ..... .....",
-    "+": "..... ..#.. ..#.. ##### ..#.. ..#.. .....",
-    ">": ".#... ..#.. ...#. ....# ...#. ..#.. .#...",
-    "<": "...#. ..#.. .#... #.... .#... ..#.. ...#.",
-    ":": "..... .##.. .##.. ..... .##.. .##.. .....",
-    "=": "..... ..... ##### ..... ##### ..... .....",
-    "(": "...#. ..#.. .#... .#... .#... ..#.. ...#.",
-    ")": ".#... ..#.. ...#. ...#. ...#. ..#.. .#...",
-    "/": "..... ....# ...#. ..#.. .#... #.... .....",
-    "_": "..... ..... ..... ..... ..... ..... #####",
-    "%": "##... ##..# ...#. ..#.. .#... #..## ...##",
-    "?": ".###. #...# ....# ...#. ..#.. ..... ..#..",
-    "µ": "..... ..... #...# #...# #..## ###.# #....",
-    _M: "..... ..... ##.#. #.#.# #.#.# #.#.# #.#.#",
-    _P: "..... ..... ####. #...# ####. #.... #....",
-    _X: "..... ..... #...# .#.#. ..#.. .#.#. #...#",
-}
-GLYPH_HEIGHT, GLYPH_WIDTH = 7, 5
-_GLYPHS = {
-    char: np.array([[c == "#" for c in row] for row in rows.split()], bool)
-    for char, rows in _FONT_SOURCE.items()
-}
+Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
+Segment = tuple[str, Colour]
 
 
-def _glyph(char: str) -> np.ndarray:
-    """Bitmap of one character (capitals for lower case, '?' when unknown)."""
-    if char in _GLYPHS:
-        return _GLYPHS[char]
-    return _GLYPHS.get(char.upper(), _GLYPHS["?"])
+@functools.cache
+def qc_font(size: int = FONT_SIZE) -> Font:
+    """The font of the picture: DejaVu Sans if installed, else Pillow's own.
+
+    Pillow's built-in font (Aileron) has no "µ", "×" or "→"; with it those are
+    written "u", "x" and ">".
+    """
+    for name in FONT_FILES:
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
+    logger.info("No %s found; the QC picture uses Pillow's built-in font.", FONT_FILES)
+    return ImageFont.load_default(size=size)
 
 
-def text_size(text: str, scale: int = 1) -> tuple[int, int]:
-    """Height and width in pixels of one line of text at an integer scale."""
-    return GLYPH_HEIGHT * scale, max(0, len(text) * (GLYPH_WIDTH + 1) - 1) * scale
+@functools.cache
+def has_glyph(font: Font, char: str) -> bool:
+    """Whether ``font`` draws ``char`` with a glyph of its own (not a blank box)."""
+    missing = font.getmask("\uffff")  # a non-character: always the missing glyph
+    drawn = font.getmask(char)
+    return drawn.size != missing.size or bytes(drawn) != bytes(missing)
+
+
+def printable(text: str, font: Font) -> str:
+    """``text`` with the characters that ``font`` lacks replaced by plain ones."""
+    for char, plain in _PLAIN_SUBSTITUTES.items():
+        if char in text and not has_glyph(font, char):
+            text = text.replace(char, plain)
+    return text
+
+
+def line_height(font: Font) -> int:
+    """Distance in pixels between the tops of two lines of text."""
+    left, top, right, bottom = font.getbbox("Ayµ|")
+    return int(bottom) + 4
+
+
+def text_size(text: str, font: Font | None = None) -> tuple[int, int]:
+    """Height (a line's) and width in pixels of one line of text."""
+    font = font or qc_font()
+    return line_height(font), math.ceil(font.getlength(printable(text, font)))
 
 
 def draw_text(
-    canvas: np.ndarray,
+    draw: ImageDraw.ImageDraw,
     text: str,
     top: int,
     left: int,
-    colour: tuple[int, int, int] = TEXT_COLOUR,
-    scale: int = 1,
+    colour: Colour = TEXT_COLOUR,
+    font: Font | None = None,
 ) -> int:
-    """Write one line of text into an RGB canvas (clipped at its edges).
+    """Write one line of text (clipped at the edges of the picture).
 
     Args:
-        canvas: ``(height, width, 3)`` uint8 array, changed in place.
-        text: The characters; unknown ones are drawn as ``?``.
-        top: Row of the top of the glyphs.
-        left: Column of the left edge of the first glyph.
-        colour: RGB colour of the glyph pixels.
-        scale: Integer magnification of the 5x7 glyphs.
+        draw: Drawing context of the picture.
+        text: The characters.
+        top: Row of the top of the line.
+        left: Column where the text starts.
+        colour: RGB colour of the text.
+        font: Font to use; :func:`qc_font` when None.
 
     Returns:
         The column just right of the text (where a next piece can start).
     """
-    x = left
-    for char in text:
-        bitmap = np.kron(_glyph(char), np.ones((scale, scale), bool))
-        _paint(canvas, bitmap, top, x, colour)
-        x += (GLYPH_WIDTH + 1) * scale
-    return x
+    font = font or qc_font()
+    text = printable(text, font)
+    draw.text((left, top), text, fill=colour, font=font)
+    return left + math.ceil(font.getlength(text))
 
 
-def _paint(canvas: np.ndarray, mask: np.ndarray, top: int, left: int, colour) -> None:
-    """Set the pixels of ``mask`` placed at (top, left) to ``colour``, clipped."""
-    height, width = canvas.shape[:2]
-    y0, x0 = max(top, 0), max(left, 0)
-    y1, x1 = min(top + mask.shape[0], height), min(left + mask.shape[1], width)
-    if y0 >= y1 or x0 >= x1:
-        return
-    part = mask[y0 - top : y1 - top, x0 - left : x1 - left]
-    canvas[y0:y1, x0:x1][part] = colour
-
-
-Segment = tuple[str, tuple[int, int, int]]
-
-
-def _wrap(segments: list[Segment], width: int, scale: int) -> list[list[Segment]]:
+def _wrap(segments: list[Segment], width: int, font: Font) -> list[list[Segment]]:
     """Split coloured text into lines no wider than ``width`` (at word breaks)."""
-    advance = (GLYPH_WIDTH + 1) * scale
-    per_line = max(1, (width + scale) // advance)
+    space = font.getlength(" ")
     lines: list[list[Segment]] = [[]]
-    used = 0
+    used = 0.0
     for text, colour in segments:
         for word in text.split(" "):
             if not word:
                 continue
-            need = len(word) + (1 if used else 0)
-            if used and used + need > per_line:
+            size = font.getlength(printable(word, font))
+            need = size + (space if used else 0.0)
+            if used and used + need > width:
                 lines.append([])
-                used, need = 0, len(word)
+                used, need = 0.0, size
             lines[-1].append(((" " if used else "") + word, colour))
             used += need
     return lines
 
 
 def _draw_lines(
-    canvas: np.ndarray,
+    draw: ImageDraw.ImageDraw,
     lines: list[list[Segment]],
     top: int,
     left: int,
-    scale: int,
+    font: Font,
 ) -> int:
-    """Draw wrapped lines of coloured segments; return the row below them."""
+    """Draw lines of coloured segments; return the row below them."""
     for line in lines:
         x = left
         for text, colour in line:
-            x = draw_text(canvas, text, top, x, colour, scale)
-        top += _line_height(scale)
+            x = draw_text(draw, text, top, x, colour, font)
+        top += line_height(font)
     return top
 
 
-def _line_height(scale: int) -> int:
-    return (GLYPH_HEIGHT + 3) * scale
+def _lines_width(lines: list[list[Segment]], font: Font) -> int:
+    """Width in pixels of the widest of some lines of coloured segments."""
+    return max(
+        (text_size("".join(text for text, _ in line), font)[1] for line in lines),
+        default=0,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -370,7 +330,7 @@ def _make_panel(
     acq_pixels: np.ndarray,
     shift_um: dict[str, float],
     pixel_um: dict[str, float],
-    extra: dict,
+    quality: dict,
 ) -> QcPanel:
     """Normalize both crops, move the acquisition's and project along z."""
     reference, moving = _as_zyx(ref_pixels), _as_zyx(acq_pixels)
@@ -392,9 +352,9 @@ def _make_panel(
         covered=covered,
         translation_um={a: float(shift_um.get(a, 0.0)) for a in pixel_um},
         translation_px=shift_px,
-        status=_status(extra.get(STATUS_COLUMN)),
-        ncc_before=_number(extra.get(NCC_BEFORE_COLUMN)),
-        ncc_after=_number(extra.get(NCC_AFTER_COLUMN)),
+        status=_status(quality.get("registration_status")),
+        ncc_before=_number(quality.get("ncc_before")),
+        ncc_after=_number(quality.get("ncc_after")),
     )
 
 
@@ -408,6 +368,12 @@ def _number(value: object) -> float:
         return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return float("nan")
+
+
+def _quality_rows(container: OmeZarrContainer, table: str) -> dict[str, dict]:
+    """Per ROI name, its row of the verdicts Calculate stored (empty if none)."""
+    frame = load_quality(container, table)
+    return {str(name): row.to_dict() for name, row in frame.iterrows()}
 
 
 def _choose_level(container, rois: dict, n_columns: int, url: str) -> str:
@@ -487,9 +453,9 @@ def well_qc_panels(
             f"{reference_acquisition} (images: {paths}); there is nothing to "
             "compare. Check reference_acquisition."
         )
-    columns: list[tuple[str, str, dict, dict, object]] = []
+    columns: list[tuple[str, str, dict, dict, OmeZarrContainer]] = []
     skipped = []
-    reference_cache: dict[str, tuple[object, dict]] = {}
+    reference_cache: dict[str, tuple[OmeZarrContainer, dict]] = {}
     for path in others:
         ref_path = reference_path(well, well_url, path, reference_acquisition)
         if ref_path not in reference_cache:
@@ -538,9 +504,10 @@ def well_qc_panels(
             for image, u in zip(images, (ref_url, url))
         ]
         geometries = [spatial_geometry(image) for image in images]
+        quality = _quality_rows(container, input_roi_table)
         pixel_um = geometries[0][0]
         n_z = geometries[0][1].get("z", 1)
-        acquisition = well.get_image_acquisition_id(path)
+        acquisition = acquisition_of(well, well_url, path)
         for fov in fovs:
             boxes = [
                 roi_box(slices_um(r[fov]), *g)
@@ -551,8 +518,8 @@ def well_qc_panels(
                     f"ROI {fov!r} lies outside the image {ref_url!r} or {url!r} at "
                     f"level {level_path}; check the ROI table {input_roi_table!r}."
                 )
-            boxes = crop_to_common(*boxes)
-            ref_pixels, acq_pixels = (read(b) for read, b in zip(readers, boxes))
+            ref_box, acq_box = crop_to_common(*boxes)
+            ref_pixels, acq_pixels = readers[0](ref_box), readers[1](acq_box)
             panels[fov, path] = _make_panel(
                 fov,
                 path,
@@ -562,7 +529,7 @@ def well_qc_panels(
                 acq_pixels,
                 shifts[fov],
                 pixel_um,
-                dict(rois[fov].model_extra or {}),
+                quality.get(fov, {}),
             )
     return WellQc(
         well_url=well_url,
@@ -586,11 +553,11 @@ def well_qc_panels(
 MARGIN = 10  # around the picture and between cells
 FRAME = 4  # status frame around a cell
 PAD = 4  # inside the frame
-GAP = 6  # between BEFORE and AFTER
-FONT_SCALE = 2
-LABEL_LINES = 3
-MIN_LABEL_CHARS = 26  # a cell is made at least this many characters wide
+GAP = 6  # between before and after
+MIN_LABEL_WIDTH = 300  # pixels; panels are magnified to about this width
 MAX_UPSCALE = 8
+ARROW_WIDTH = 2  # pixels
+_SUPERSAMPLE = 4  # arrows are drawn this much finer, then reduced (anti-aliasing)
 
 
 def overlay(reference: np.ndarray, moving: np.ndarray) -> np.ndarray:
@@ -607,73 +574,76 @@ def _signed(value: float, digits: int = 2) -> str:
     return "nan" if not math.isfinite(value) else f"{value:+.{digits}f}"
 
 
-def _label_lines(panel: QcPanel, axes: list[str]) -> list[list[Segment]]:
-    """The three text lines under a cell."""
-    colour = STATUS_COLOURS.get(panel.status, UNKNOWN_COLOUR)
-    ncc = (
-        f"NCC {_plain(panel.ncc_before)}>{_plain(panel.ncc_after)}"
-        if math.isfinite(panel.ncc_before) or math.isfinite(panel.ncc_after)
-        else "NCC -"
-    )
-    um = " ".join(f"{a.upper()}{_signed(panel.translation_um[a])}" for a in axes)
-    px = " ".join(f"{a.upper()}{_signed(panel.translation_px[a])}" for a in axes)
-    return [
-        [(panel.status.upper(), colour), ("  " + ncc, TEXT_COLOUR)],
-        [(f"{um} {UM}", TEXT_COLOUR)],
-        [(f"{px} {PX}", TEXT_COLOUR)],
-    ]
-
-
 def _plain(value: float) -> str:
     return "nan" if not math.isfinite(value) else f"{value:.2f}"
 
 
-def _arrow(
-    canvas: np.ndarray,
+def _label_lines(panel: QcPanel, axes: Sequence[str]) -> list[list[Segment]]:
+    """The three text lines under a cell."""
+    colour = STATUS_COLOURS.get(panel.status, UNKNOWN_COLOUR)
+    ncc = (
+        f"NCC {_plain(panel.ncc_before)} → {_plain(panel.ncc_after)}"
+        if math.isfinite(panel.ncc_before) or math.isfinite(panel.ncc_after)
+        else "NCC -"
+    )
+    um = "  ".join(f"{a} {_signed(panel.translation_um[a])}" for a in axes)
+    px = "  ".join(f"{a} {_signed(panel.translation_px[a])}" for a in axes)
+    return [
+        [(panel.status, colour), ("   " + ncc, TEXT_COLOUR)],
+        [(f"{um} µm", TEXT_COLOUR)],
+        [(f"{px} px", TEXT_COLOUR)],
+    ]
+
+
+def draw_arrow(
+    picture: Image.Image,
     start: tuple[float, float],
     vector: tuple[float, float],
     bounds: tuple[int, int, int, int],
-    colour: tuple[int, int, int] = ARROW_COLOUR,
+    colour: Colour = ARROW_COLOUR,
 ) -> None:
-    """Draw an anti-aliased arrow (2 px wide) clipped to ``bounds`` (y0, x0, y1, x1)."""
+    """Draw an anti-aliased arrow, clipped to ``bounds``.
+
+    Args:
+        picture: RGB picture, changed in place.
+        start: ``(y, x)`` of the tail, in pixels of the picture.
+        vector: ``(dy, dx)`` from the tail to the tip, in pixels.
+        bounds: ``(top, left, bottom, right)`` (bottom and right exclusive) that
+            the arrow must not leave, e.g. its panel.
+        colour: RGB colour of the arrow.
+    """
     y0, x0 = start
     y1, x1 = y0 + vector[0], x0 + vector[1]
     length = math.hypot(*vector)
-    strokes = [(y0, x0, y1, x1)]
+    strokes = [((x0, y0), (x1, y1))]
     if length >= 1.0:
         head = min(10.0, max(5.0, 0.35 * length))
         back = math.atan2(-vector[0], -vector[1])
         for turn in (-0.45, 0.45):
-            strokes.append(
-                (
-                    y1,
-                    x1,
-                    y1 + head * math.sin(back + turn),
-                    x1 + head * math.cos(back + turn),
-                )
-            )
-    for a, b, c, d in strokes:
-        for dy, dx in ((0, 0), (1, 0), (0, 1)):
-            rr, cc, val = line_aa(
-                int(round(a)) + dy, int(round(b)) + dx, int(round(c)) + dy,
-                int(round(d)) + dx,
-            )  # fmt: skip
-            inside = (rr >= bounds[0]) & (rr < bounds[2])
-            inside &= (cc >= bounds[1]) & (cc < bounds[3])
-            rr, cc, val = rr[inside], cc[inside], val[inside, None]
-            mixed = canvas[rr, cc] * (1 - val) + np.array(colour) * val
-            canvas[rr, cc] = np.round(mixed).astype(np.uint8)
-    cy, cx = int(round(y0)), int(round(x0))
-    dot = np.ones((4, 4), bool)
-    _paint(canvas, dot, cy - 2, cx - 2, colour)
+            tip = (x1 + head * math.cos(back + turn), y1 + head * math.sin(back + turn))
+            strokes.append(((x1, y1), tip))
+    top, left, bottom, right = bounds
+    if bottom <= top or right <= left:
+        return
+    # Drawn as a coverage mask of the bounds, finer by _SUPERSAMPLE, then reduced.
+    s = _SUPERSAMPLE
+    mask = Image.new("L", ((right - left) * s, (bottom - top) * s), 0)
+    pen = ImageDraw.Draw(mask)
 
+    def fine(point: tuple[float, float]) -> tuple[float, float]:
+        return ((point[0] - left + 0.5) * s, (point[1] - top + 0.5) * s)
 
-def _frame(canvas, top, left, height, width, colour, thickness) -> None:
-    """Draw a rectangle outline of the given thickness."""
-    canvas[top : top + thickness, left : left + width] = colour
-    canvas[top + height - thickness : top + height, left : left + width] = colour
-    canvas[top : top + height, left : left + thickness] = colour
-    canvas[top : top + height, left + width - thickness : left + width] = colour
+    for a, b in strokes:
+        pen.line([fine(a), fine(b)], fill=255, width=ARROW_WIDTH * s)
+        for end in (a, b):  # round the ends and the joints
+            cx, cy = fine(end)
+            r = ARROW_WIDTH * s / 2
+            pen.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    cx, cy = fine((x0, y0))
+    r = 2 * s  # a dot at the tail: the FOV centre
+    pen.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    coverage = mask.resize((right - left, bottom - top), Image.Resampling.BOX)
+    picture.paste(colour, (left, top, right, bottom), coverage)
 
 
 def _vector_scale(qc: WellQc, upscale: int, panel_hw: dict[str, tuple]) -> int:
@@ -692,17 +662,21 @@ def _vector_scale(qc: WellQc, upscale: int, panel_hw: dict[str, tuple]) -> int:
     return VECTOR_SCALES[-1]
 
 
-def compose_qc_image(qc: WellQc) -> np.ndarray:
+def compose_qc_image(qc: WellQc, font: Font | None = None) -> np.ndarray:
     """Lay out all panels of a well as one RGB picture.
 
     Rows are FOVs, columns the non-reference images; each cell holds the
-    BEFORE and AFTER overlays side by side, the shift arrow on BEFORE, three
+    before and after overlays side by side, the shift arrow on before, three
     lines of text below and a frame in the status colour.
+
+    Args:
+        qc: The panels, from :func:`well_qc_panels`.
+        font: Font of the text; :func:`qc_font` when None.
 
     Returns:
         ``(height, width, 3)`` uint8 array.
     """
-    fs = FONT_SCALE
+    font = font or qc_font()
     axes = [a for a in ("z", "y", "x") if a in qc.pixel_um]
     if qc.n_z <= 1:
         axes = [a for a in axes if a != "z"]
@@ -715,82 +689,80 @@ def compose_qc_image(qc: WellQc) -> np.ndarray:
     }
     max_w = max(hw[1] for hw in panel_hw.values())
     area = sum(h * w for h, w in panel_hw.values()) * 2 * len(qc.image_paths)
-    label_chars = max(
-        MIN_LABEL_CHARS,
-        *(
-            sum(len(t) for t, _ in line)
-            for panel in qc.panels.values()
-            for line in _label_lines(panel, axes)
-        ),
+    labels = {key: _label_lines(panel, axes) for key, panel in qc.panels.items()}
+    label_w = max(
+        MIN_LABEL_WIDTH, *(_lines_width(lines, font) for lines in labels.values())
     )
-    wanted = text_size("x" * label_chars, fs)[1] - 2 * PAD - GAP
-    upscale = max(1, math.ceil(wanted / (2 * max_w)))
+    upscale = max(1, math.ceil((label_w - GAP) / (2 * max_w)))
     budget = max(1, int(math.sqrt(2 * PANEL_PIXEL_BUDGET / max(area, 1))))
     upscale = min(upscale, budget, MAX_UPSCALE)
     scale = _vector_scale(qc, upscale, panel_hw)
 
-    line_h = _line_height(fs)
-    cell_w = 2 * FRAME + 2 * PAD + 2 * max_w * upscale + GAP
-    label_h = LABEL_LINES * line_h + PAD
+    line_h = line_height(font)
+    inner_w = max(2 * max_w * upscale + GAP, label_w)
+    cell_w = 2 * FRAME + 2 * PAD + inner_w
+    label_h = 3 * line_h + PAD
     row_h = {
         fov: 2 * FRAME + 2 * PAD + panel_hw[fov][0] * upscale + label_h
         for fov in qc.fovs
     }
-    name_w = max(text_size(f, fs)[1] for f in qc.fovs) + 2 * MARGIN
+    name_w = max(text_size(f, font)[1] for f in qc.fovs) + 2 * MARGIN
     width = max(name_w + len(qc.image_paths) * (cell_w + MARGIN) + MARGIN, 480)
-    header = _header(qc, scale)
-    header_lines = _wrap(header, width - 2 * MARGIN, fs)
+    header_lines = _wrap(_header(qc, scale), width - 2 * MARGIN, font)
     header_h = MARGIN + len(header_lines) * line_h + MARGIN
     column_h = 2 * line_h + PAD
     height = header_h + column_h + sum(row_h.values()) + len(qc.fovs) * MARGIN
-    canvas = np.empty((height + MARGIN, width, 3), np.uint8)
-    canvas[:] = BACKGROUND
-    _draw_lines(canvas, header_lines, MARGIN, MARGIN, fs)
+    picture = Image.new("RGB", (width, height + MARGIN), BACKGROUND)
+    draw = ImageDraw.Draw(picture)
+    _draw_lines(draw, header_lines, MARGIN, MARGIN, font)
 
     top = header_h
     for j, path in enumerate(qc.image_paths):
         left = name_w + j * (cell_w + MARGIN)
         some = qc.panels[qc.fovs[0], path]
-        title = f"ACQ {some.acquisition}  IMAGE {path}"
+        title = f"acquisition {some.acquisition}, image {path}"
         if some.reference_path != str(qc.reference_acquisition):
-            title += f" VS {some.reference_path}"
-        draw_text(canvas, title, top, left + FRAME, TEXT_COLOUR, fs)
+            title += f" vs {some.reference_path}"
+        draw_text(draw, title, top, left + FRAME, TEXT_COLOUR, font)
         inner = left + FRAME + PAD
-        draw_text(canvas, "BEFORE", top + line_h, inner, DIM_TEXT_COLOUR, fs)
+        draw_text(draw, "before", top + line_h, inner, DIM_TEXT_COLOUR, font)
         after_left = inner + max_w * upscale + GAP
-        draw_text(canvas, "AFTER", top + line_h, after_left, DIM_TEXT_COLOUR, fs)
+        draw_text(draw, "after", top + line_h, after_left, DIM_TEXT_COLOUR, font)
     top += column_h
 
     for fov in qc.fovs:
-        h, w = panel_hw[fov]
-        draw_text(canvas, fov, top + FRAME + PAD, MARGIN, TEXT_COLOUR, fs)
+        h, _ = panel_hw[fov]
+        draw_text(draw, fov, top + FRAME + PAD, MARGIN, TEXT_COLOUR, font)
         for j, path in enumerate(qc.image_paths):
             panel = qc.panels[fov, path]
             left = name_w + j * (cell_w + MARGIN)
             colour = STATUS_COLOURS.get(panel.status, UNKNOWN_COLOUR)
-            _frame(canvas, top, left, row_h[fov], cell_w, colour, FRAME)
+            draw.rectangle(
+                (left, top, left + cell_w - 1, top + row_h[fov] - 1),
+                outline=colour,
+                width=FRAME,
+            )
             y = top + FRAME + PAD
             x_before = left + FRAME + PAD
             x_after = x_before + max_w * upscale + GAP
-            for x, moving in ((x_before, panel.before), (x_after, panel.after)):
-                rgb = overlay(panel.reference, moving)
-                rgb = np.repeat(np.repeat(rgb, upscale, axis=0), upscale, axis=1)
-                canvas[y : y + rgb.shape[0], x : x + rgb.shape[1]] = rgb
             ph, pw = (n * upscale for n in panel.reference.shape)
+            for x, moving in ((x_before, panel.before), (x_after, panel.after)):
+                rgb = Image.fromarray(overlay(panel.reference, moving))
+                picture.paste(rgb.resize((pw, ph), Image.Resampling.NEAREST), (x, y))
             vector = (
                 panel.translation_px.get("y", 0.0) * upscale * scale,
                 panel.translation_px.get("x", 0.0) * upscale * scale,
             )
-            _arrow(
-                canvas,
+            draw_arrow(
+                picture,
                 (y + ph / 2 - 0.5, x_before + pw / 2 - 0.5),
                 vector,
                 (y, x_before, y + ph, x_before + pw),
             )
             text_top = y + h * upscale + PAD
-            _draw_lines(canvas, _label_lines(panel, axes), text_top, x_before, fs)
+            _draw_lines(draw, labels[fov, path], text_top, x_before, font)
         top += row_h[fov] + MARGIN
-    return canvas
+    return np.asarray(picture).copy()
 
 
 def _header(qc: WellQc, vector_scale: int) -> list[Segment]:
@@ -799,39 +771,37 @@ def _header(qc: WellQc, vector_scale: int) -> list[Segment]:
     parts = qc.well_url.split("/")
     well = "".join(parts[-2:]) if len(parts) >= 2 else qc.well_url
     title = (
-        f"REGISTRATION QC  WELL {well}  CHANNEL {qc.wavelength_id}  "
-        f"TABLE {qc.input_roi_table}  LEVEL {qc.level_path} ({pixel:.3g} {UM}/{PX})  "
-        f"REFERENCE ACQ {qc.reference_acquisition}"
+        f"Registration QC of well {well}: channel {qc.wavelength_id}, table "
+        f"{qc.input_roi_table}, level {qc.level_path} ({pixel:.3g} µm/px), "
+        f"reference acquisition {qc.reference_acquisition}"
     )
     if qc.n_z > 1:
-        title += f"  MAX PROJECTION OF {qc.n_z} Z PLANES"
+        title += f", maximum projection of {qc.n_z} z planes"
     if qc.skipped:
-        title += f"  (NO SHIFTS IN {', '.join(qc.skipped)}: NOT SHOWN)"
+        title += f" (no shifts in {', '.join(qc.skipped)}: not shown)"
     return [
         (title + ".", TEXT_COLOUR),
-        ("GREEN", (60, 230, 60)),
-        ("= REFERENCE,", TEXT_COLOUR),
-        ("MAGENTA", (235, 60, 235)),
+        ("Green", (60, 230, 60)),
+        ("= reference,", TEXT_COLOUR),
+        ("magenta", (235, 60, 235)),
         (
-            "= ACQUISITION, GREY/WHITE = AGREE. AFTER = ACQUISITION MOVED BY THE "
-            "STORED SHIFT (BLACK WHERE UNCOVERED).",
+            "= acquisition, grey/white = agree; after = acquisition moved by the "
+            "stored shift (black where uncovered).",
             TEXT_COLOUR,
         ),
-        ("ARROW", ARROW_COLOUR),
-        (f"= SHIFT FROM FOV CENTRE, {TIMES}{vector_scale}. FRAME:", TEXT_COLOUR),
-        ("OK", STATUS_COLOURS["ok"]),
-        ("FALLBACK", STATUS_COLOURS["fallback"]),
-        ("FAILED", STATUS_COLOURS["failed"]),
+        ("Arrow", ARROW_COLOUR),
+        (f"= shift from the FOV centre, ×{vector_scale}. Frame:", TEXT_COLOUR),
+        ("ok", STATUS_COLOURS["ok"]),
+        ("fallback", STATUS_COLOURS["fallback"]),
+        ("failed", STATUS_COLOURS["failed"]),
     ]
 
 
 def write_png(path: str | Path, rgb: np.ndarray) -> Path:
     """Save a uint8 RGB array as PNG (parent folders are created)."""
-    from skimage.io import imsave
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    imsave(str(path), rgb, check_contrast=False)
+    Image.fromarray(np.ascontiguousarray(rgb, np.uint8)).save(path, format="PNG")
     return path
 
 
@@ -848,13 +818,13 @@ def render_well_qc(
 
     Rows are the FOVs of ``input_roi_table``, columns the images of the other
     acquisitions. Each cell shows, side by side, the registration channel of
-    the reference (green) over that of the acquisition (magenta) BEFORE the
-    shift (same FOV box) and AFTER moving the acquisition by its stored
+    the reference (green) over that of the acquisition (magenta) "before" the
+    shift (same FOV box) and "after" moving the acquisition by its stored
     translation (uncovered pixels black); grey/white means agreement, colour
     fringes a misalignment. Each crop is normalized between its 1st and 99.5th
-    percentiles. A yellow arrow from the FOV centre of BEFORE shows the
+    percentiles. A yellow arrow from the FOV centre of "before" shows the
     translation, magnified (factor in the legend). Below: status and stored
-    NCC before>after, and the translation in µm and in pixels of the shown
+    NCC before → after, and the translation in µm and in pixels of the shown
     level; the frame is green (ok), orange (fallback), red (failed) or grey
     (no status stored).
 
@@ -903,10 +873,6 @@ def main(argv: list[str] | None = None) -> int:
         "--level-path", default=None, help="pyramid level (default: automatic)"
     )
     args = parser.parse_args(argv)
-    warnings.simplefilter("ignore")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    for handler in logging.getLogger().handlers:  # ngio notes on table columns
-        handler.addFilter(lambda record: not record.name.startswith("ngio"))
     try:
         path = render_well_qc(
             args.well_url,
@@ -924,4 +890,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     sys.exit(main())

@@ -3,14 +3,16 @@ import shutil
 import numpy as np
 import pytest
 from _workflow import calculate
+from PIL import Image, ImageDraw
 from skimage.io import imread
 
 from fractal_tasks._errors import RegistrationInputError
 from fractal_tasks.qc import (
-    _GLYPHS,
     STATUS_COLOURS,
     draw_text,
+    has_glyph,
     main,
+    qc_font,
     render_well_qc,
     text_size,
     well_qc_panels,
@@ -136,10 +138,21 @@ def test_command_line(plates, tmp_path, capsys):
     assert "Calculate Registration" in capsys.readouterr().err
 
 
-def test_font_glyphs_are_distinct_and_drawn():
-    assert len({g.tobytes() for g in _GLYPHS.values()}) == len(_GLYPHS)
-    canvas = np.zeros((20, 200, 3), np.uint8)
-    end = draw_text(canvas, "NCC 0.52>1.00", 2, 3, (255, 255, 255), 2)
-    assert end == 3 + 13 * 12
-    assert text_size("NCC 0.52>1.00", 2) == (14, 13 * 12 - 2)
-    assert canvas.any() and not canvas[:, end:].any()
+def test_text_is_drawn_where_measured():
+    font = qc_font()
+    picture = Image.new("RGB", (300, 30))
+    text = "NCC 0.52 → 1.00, x +3.30 µm"
+    end = draw_text(ImageDraw.Draw(picture), text, 2, 3, (255, 255, 255), font)
+    height, width = text_size(text, font)
+    assert end == 3 + width and 10 < height < 30
+    canvas = np.asarray(picture)
+    assert canvas.any() and not canvas[:, end + 1 :].any()
+
+
+def test_micro_sign_is_a_glyph_of_the_font():
+    font = qc_font()
+    if not has_glyph(font, "µ"):
+        pytest.skip(f"{font.getname()} has no µ (DejaVu Sans is not installed)")
+    # drawn as itself, not as the missing-glyph box nor as a plain "u"
+    assert not has_glyph(font, "\uffff")
+    assert bytes(font.getmask("µ")) != bytes(font.getmask("u"))
