@@ -9,6 +9,7 @@ next run deletes.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -18,9 +19,11 @@ from pathlib import Path
 
 import zarr
 from ngio import OmeZarrContainer, open_ome_zarr_container
+from ngio.tables import ConditionTable, FeatureTable
+from ngio.utils import NgioValueError
 
 from fractal_tasks import __version__
-from fractal_tasks._errors import RegistrationInputError
+from fractal_tasks._errors import MISSING_OR_MALFORMED, RegistrationInputError
 from fractal_tasks._geometry import SPATIAL_AXES, window_pair
 from fractal_tasks._hcs import (
     acquisition_of,
@@ -105,18 +108,24 @@ def _read_tables(plan_acq, plan_ref, acq_url, ref_url) -> dict[str, str]:
     ]
     for name, container, url in sources:
         try:
-            container.get_table(name)  # raises for a backend ngio cannot read
-        except Exception as error:
+            table = container.get_table(name)  # raises for an unreadable backend
+        except (*MISSING_OR_MALFORMED, NgioValueError) as error:
             raise RegistrationInputError(
                 f"Cannot read table {name!r} of {url!r}: {error}. Its backend must "
                 "be one ngio reads (anndata, parquet, csv, json); convert or remove "
                 "the table."
             ) from error
         tables[name] = url
-        if container is plan_acq and acq_url != ref_url:
+        # measurements (by label) and conditions (by ROI name) stay true; only
+        # coordinates in the acquisition's frame would now be wrong
+        if (
+            container is plan_acq
+            and acq_url != ref_url
+            and not isinstance(table, FeatureTable | ConditionTable)
+        ):
             logger.warning(
-                "Table %s is copied from %s without transformation: fine for "
-                "measurements, but ROIs in it do not follow the registration.",
+                "Table %s is copied from %s without transformation: ROIs in it "
+                "do not follow the registration.",
                 name,
                 acq_url,
             )
@@ -126,7 +135,7 @@ def _read_tables(plan_acq, plan_ref, acq_url, ref_url) -> dict[str, str]:
 def _roi_tables(container: OmeZarrContainer, url: str) -> list[str]:
     try:
         return container.list_tables(filter_types="roi_table")
-    except Exception as error:
+    except MISSING_OR_MALFORMED as error:
         raise RegistrationInputError(
             f"Cannot list the tables of {url!r}: {error}. Repair its tables group."
         ) from error
@@ -152,8 +161,8 @@ def plan_apply(
         raise RegistrationInputError(f"{zarr_url!r} is a scratch directory.")
     well = open_well(well_url)
     acquisition_of(well, well_url, image_path)
-    reference = reference_path(well, well_url, image_path, reference_acquisition)
-    reference_url = f"{well_url}/{reference}"
+    ref_path = reference_path(well, well_url, image_path, reference_acquisition)
+    reference_url = f"{well_url}/{ref_path}"
     destination = Path(
         zarr_url if overwrite_input else f"{zarr_url}{REGISTERED_SUFFIX}"
     )
@@ -212,7 +221,7 @@ def plan_apply(
 def _open(url: str) -> OmeZarrContainer:
     try:
         return open_ome_zarr_container(url)
-    except Exception as error:
+    except MISSING_OR_MALFORMED as error:
         raise RegistrationInputError(
             f"Cannot open OME-Zarr image {url!r}: {error}. Check that it exists "
             "and is a valid OME-Zarr image."
@@ -237,8 +246,8 @@ def _require_ours(destination: Path) -> None:
     """Refuse to replace an existing image that this package did not write."""
     try:
         attrs = zarr.open_group(str(destination), mode="r").attrs.asdict()
-    except Exception:
-        attrs = {}
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, json.JSONDecodeError):
+        attrs = {}  # not a zarr group (GroupNotFoundError), or a broken one
     if PROVENANCE_KEY not in attrs:
         raise RegistrationInputError(
             f"{str(destination)!r} exists and was not written by this task, so it "
@@ -364,7 +373,8 @@ def commit(plan: ApplyPlan) -> dict:
     if plan.overwrite_input:
         return {"image_list_updates": [{"zarr_url": plan.zarr_url}]}
     new_path = plan.destination.name
-    acquisition = open_well(plan.well_url).get_image_acquisition_id(plan.image_path)
+    well = open_well(plan.well_url)
+    acquisition = acquisition_of(well, plan.well_url, plan.image_path)
     if add_image_to_well(plan.well_url, new_path, acquisition):
         logger.info("Added %s to the metadata of well %s.", new_path, plan.well_url)
     return {

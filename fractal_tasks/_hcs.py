@@ -7,10 +7,14 @@ import warnings
 from pathlib import Path
 
 from ngio import OmeZarrWell, open_ome_zarr_well
+from ngio.utils import NgioUserWarning, NgioValueError
 
-from fractal_tasks._errors import RegistrationInputError
+from fractal_tasks._errors import MISSING_OR_MALFORMED, RegistrationInputError
 
 logger = logging.getLogger(__name__)
+
+NON_ALPHANUMERIC_PATH_WARNING = r"Path '.*' contains non-alphanumeric characters"
+"""ngio's warning for an image path such as ``1_registered`` in a well."""
 
 
 def split_image_url(zarr_url: str) -> tuple[str, str]:
@@ -45,7 +49,7 @@ def open_well(well_url: str) -> OmeZarrWell:
     try:
         well = open_ome_zarr_well(well_url)
         well.paths()
-    except Exception as error:
+    except MISSING_OR_MALFORMED as error:
         raise RegistrationInputError(
             f"{well_url!r} has no valid OME-Zarr well metadata ({error}). The "
             "images must live in an HCS plate (plate/row/column/image); repair or "
@@ -144,12 +148,17 @@ def add_image_to_well(well_url: str, image_path: str, acquisition: int) -> bool:
     if image_path in open_well(well_url).paths():
         return False
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # ngio warns on '_' in image paths
+        # '<image>_registered' is the name fractal-tasks-core uses too
+        warnings.filterwarnings(
+            "ignore", NON_ALPHANUMERIC_PATH_WARNING, category=NgioUserWarning
+        )
         try:
             open_well(well_url).atomic_add_image(
                 image_path, acquisition_id=acquisition, strict=True
             )
-        except Exception:
+        # NgioValueError: the path is listed already; TimeoutError: the lock
+        # (filelock.Timeout) was held by other runs for too long
+        except (NgioValueError, TimeoutError):
             if image_path in open_well(well_url).paths():
                 return False  # another run listed it in the meantime
             raise
