@@ -98,6 +98,8 @@ class ChunkFiles(ChunkAccess):
     def __init__(self, array: zarr.Array, codec: numcodecs.abc.Codec | None):
         super().__init__(array)
         store = array.store_path.store
+        if not isinstance(store, LocalStore):
+            raise TypeError(f"Chunk files need a local store, not {store!r}.")
         self._root = Path(store.root, array.store_path.path)
         self._key = array.metadata.encode_chunk_key
         self._codec = codec
@@ -116,7 +118,7 @@ class ChunkFiles(ChunkAccess):
             return self._crop(index, chunk)
         with file:
             if self._codec is None:
-                file.readinto(chunk.reshape(-1).view(np.uint8))
+                file.readinto(chunk.reshape(-1).view(np.uint8).data)
             else:
                 # Decoded from the page cache in place: no copy of the bytes.
                 with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
@@ -186,7 +188,7 @@ def _direct_codec(array: zarr.Array) -> tuple[bool, numcodecs.abc.Codec | None]:
 def _numcodecs_of(codec, itemsize: int) -> numcodecs.abc.Codec | None:
     """The numcodecs twin of a zarr v3 compressor, or None if unknown."""
     if isinstance(codec, BloscCodec):
-        shuffle = getattr(codec.shuffle, "value", codec.shuffle)
+        shuffle = getattr(codec.shuffle, "value", str(codec.shuffle))
         return numcodecs.Blosc(
             cname=getattr(codec.cname, "value", codec.cname),
             clevel=codec.clevel,

@@ -140,13 +140,13 @@ def _integer_mean(
     ``(s + n / 2 - 1 + (q & 1)) >> k``.
     """
     shift = cells.bit_length() - 1
-    total = None
-    for offsets in itertools.product(*(range(f) for f in factors)):
-        part = block[tuple(slice(o, None, f) for o, f in zip(offsets, factors))]
-        if total is None:
-            total = part.astype(wide)
-        else:
-            total += part
+    parts = (
+        block[tuple(slice(o, None, f) for o, f in zip(offsets, factors))]
+        for offsets in itertools.product(*(range(f) for f in factors))
+    )
+    total = next(parts).astype(wide)
+    for part in parts:
+        total += part
     odd = np.empty(total.shape, np.uint8)
     np.right_shift(total, shift, out=odd, casting="unsafe")
     odd &= 1  # the low byte of q keeps its parity
@@ -276,7 +276,7 @@ class _ChunkCache:
         with self._lock:
             entry = self._entries.get(index)
             owner = entry is None
-            if owner:
+            if entry is None:
                 buffer = self._pool.take(self._source.chunks, self._source.dtype)
                 entry = self._entries[index] = (Future(), buffer)
                 while len(self._entries) * self._bytes > self._limit and (
@@ -340,7 +340,10 @@ class _Pyramid:
         self.units = [tuple(unit)] + [tuple(a.chunks) for a in levels[1:]]
         self._lock = threading.Lock()
         self._open: list[dict[Index, list]] = [{} for _ in levels]
-        self._counts = [None] + [self._expected(k) for k in range(1, len(levels))]
+        # per level below the first: parts expected per chunk, along each axis
+        self._counts: list[list[list[int]]] = [[]] + [
+            self._expected(k) for k in range(1, len(levels))
+        ]
 
     def _expected(self, k: int) -> list[list[int]]:
         """Per axis, how many parts each chunk of level ``k`` receives."""
@@ -476,7 +479,7 @@ def write_windows(
     pool = BufferPool(POOL_BYTES)
     # Units of whole chunks; no larger than one chunk of level 1 (per factor),
     # so that each unit reduces into a single chunk of level 1.
-    cap = target.shape
+    cap: Sequence[int] = target.shape
     if len(levels) > 1:
         cap = [
             max(c, c1 * f)
@@ -601,8 +604,8 @@ def _plan(
             edges = {a, b}
             edges.update(range((a // u + 1) * u, b, u))
             edges.update(e - d for e in range(((a + d) // c + 1) * c, b + d, c))
-            edges = sorted(edges)
-            cuts.append(list(zip(edges, edges[1:])))
+            ordered = sorted(edges)
+            cuts.append(list(zip(ordered, ordered[1:])))
         covered: dict[Index, int] = {}
         for part in itertools.product(*cuts):
             index = tuple(a // u for (a, _), u in zip(part, unit))

@@ -139,8 +139,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.out or Path(tempfile.mkdtemp(prefix="fractal-tasks-demo-"))
     out.mkdir(parents=True, exist_ok=True)
-    warnings.simplefilter("ignore")
-    logging.basicConfig(level=logging.WARNING)
     print(f"Building a synthetic plate in {out} ...")
     plate = build_synthetic_plate(
         out / "plate.zarr",
@@ -172,17 +170,18 @@ def main(argv: list[str] | None = None) -> int:
         container = open_ome_zarr_container(image.zarr_url)
         quality = load_quality(container, "FOV_ROI_table")
         for roi in container.get_roi_table("FOV_ROI_table").rois():
-            extra = roi.model_extra
+            extra = roi.model_extra or {}
             found = np.array([extra["translation_y"], extra["translation_x"]])
             found /= plate.pixel_size
-            true = np.array(plate.true_translation_px(image.zarr_url, roi.name)[1:])
+            fov = str(roi.name)
+            true = np.array(plate.true_translation_px(image.zarr_url, fov)[1:], float)
             error = float(np.abs(found - true).max())
             errors.append(error)
             name = "/".join(image.zarr_url.split("/")[-3:])
             print(
-                f"{name:<22}{roi.name:<7}{true[0]:>8.2f}, {true[1]:>7.2f}"
+                f"{name:<22}{fov:<7}{true[0]:>8.2f}, {true[1]:>7.2f}"
                 f"{found[0]:>13.2f}, {found[1]:>7.2f}{error:>10.2f}  "
-                f"{quality.loc[roi.name, 'registration_status']}"
+                f"{quality.loc[fov, 'registration_status']}"
             )
     print(
         f"\nLargest error {max(errors):.2f} px, mean {np.mean(errors):.2f} px "
@@ -198,4 +197,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    # anndata's notice, on every table ngio writes into the plate (zarr v2)
+    warnings.filterwarnings(
+        "ignore",
+        "Writing zarr v2 data will no longer be the default",
+        category=UserWarning,
+    )
     sys.exit(main())

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from ngio import (
@@ -143,7 +144,7 @@ def build_synthetic_plate(
     levels: int = 3,
     pixel_size: float = 0.65,
     z_spacing: float = 1.0,
-    ngff_version: str = "0.4",
+    ngff_version: Literal["0.4", "0.5"] = "0.4",
     labels: bool = True,
     chunks: tuple[int, ...] | None = None,
     seed: int = 0,
@@ -220,8 +221,11 @@ def build_synthetic_plate(
         channels = channels[:1]
     radius = max(1.5, min(fov_shape) / 40)
     for well in wells:
-        scene_shape = (n_z + 2 * margin[0], fy * fov_h + 2 * margin[1])
-        scene_shape += (fx * fov_w + 2 * margin[2],)
+        scene_shape = (
+            n_z + 2 * margin[0],
+            fy * fov_h + 2 * margin[1],
+            fx * fov_w + 2 * margin[2],
+        )
         nuclei = _blob_scene(rng, scene_shape, 0.002, radius)
         for acquisition in range(n_acquisitions):
             offsets = np.zeros((len(fov_names), 3))
@@ -265,7 +269,7 @@ def build_synthetic_plate(
                 SyntheticImage(url, well[0], well[1:], str(acquisition), acquisition)
             )
             plate.translations_px[url] = {
-                name: tuple(float(v) for v in offset)
+                name: (float(offset[0]), float(offset[1]), float(offset[2]))
                 for name, offset in zip(fov_names, offsets)
             }
     return plate

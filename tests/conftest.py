@@ -1,14 +1,9 @@
-import logging
 import shutil
-import warnings
 from pathlib import Path
 
 import pytest
 
 from fractal_tasks.synthetic import build_synthetic_plate
-
-warnings.simplefilter("ignore")
-logging.getLogger("ngio").setLevel(logging.ERROR)
 
 _TEMPLATES: dict = {}
 
