@@ -72,6 +72,28 @@ def scale(ndim: int) -> np.ndarray:
 # --------------------------------------------------------------------------
 # ours: the ONLY place that calls fractal_tasks (its API is being redesigned)
 # --------------------------------------------------------------------------
+def task_level(c: corpus.Case) -> tuple[np.ndarray, np.ndarray, float, str]:
+    """The pair the calculate task reads: level 2, or finer for a small ROI.
+
+    Returns reference, moving, the level's yx downsampling factor and its
+    path: level 2 unless the ROI is under ``MIN_ROI_PX`` in y or x there,
+    then level 1 (2x2 mean of level 0) or level 0, as the task does.
+    """
+    from fractal_tasks._calculate import MIN_ROI_PX  # noqa: PLC0415
+
+    if min(c.reference_l2.shape[-2:]) >= MIN_ROI_PX:
+        return c.reference_l2, c.moving_l2, 4.0, "2"
+    if min(c.reference.shape[-2:]) // 2 >= MIN_ROI_PX:
+        return _halve(c.reference), _halve(c.moving), 2.0, "1"
+    return c.reference, c.moving, 1.0, "0"
+
+
+def _halve(a: np.ndarray) -> np.ndarray:
+    ny, nx = a.shape[-2] // 2, a.shape[-1] // 2
+    b = a[..., : 2 * ny, : 2 * nx].astype(np.float64)
+    return b.reshape(b.shape[:-2] + (ny, 2, nx, 2)).mean(axis=(-3, -1))
+
+
 def ours_group(cases: list[corpus.Case], repeats: int) -> list[dict]:
     """Estimate every FOV of one acquisition at level 2, then judge them together.
 
@@ -80,6 +102,8 @@ def ours_group(cases: list[corpus.Case], repeats: int) -> list[dict]:
     """
     from fractal_tasks._calculate import judge  # noqa: PLC0415
     from fractal_tasks._shift import estimate_shift  # noqa: PLC0415
+
+    levels = {f"FOV_{c.fov}": task_level(c) for c in cases}
 
     ndim = cases[0].ndim
     axes = ["z", "y", "x"][3 - ndim :]
@@ -91,7 +115,7 @@ def ours_group(cases: list[corpus.Case], repeats: int) -> list[dict]:
         for _ in range(repeats):
             t0 = time.perf_counter()
             try:
-                est = estimate_shift(c.reference_l2, c.moving_l2)
+                est = estimate_shift(*levels[name][:2])
             except Exception as err:  # noqa: BLE001
                 est, errors[name] = None, f"{type(err).__name__}: {err}"
             best = min(best, time.perf_counter() - t0)
@@ -115,7 +139,16 @@ def ours_group(cases: list[corpus.Case], repeats: int) -> list[dict]:
             from fractal_tasks._calculate import RoiEstimate  # noqa: PLC0415
 
             wrapped = {
-                k: RoiEstimate(estimate=e, level_path="2", pixel_um=pixel_um)
+                k: RoiEstimate(
+                    estimate=e,
+                    level_path=levels[k][3],
+                    pixel_um={
+                        a: float(p) / scale(ndim)[-1] * levels[k][2]
+                        if a != "z"
+                        else float(p)
+                        for a, p in pixel_um.items()
+                    },
+                )
                 for k, e in estimates.items()
             }
             level0 = {a: 1.0 for a in axes}
@@ -129,10 +162,12 @@ def ours_group(cases: list[corpus.Case], repeats: int) -> list[dict]:
         if name in results:
             r = results[name]
             e = estimates[name]
-            raw = np.asarray(e.shift, float) * scale(ndim)
+            factor = np.array([1.0] * (ndim - 2) + [levels[name][2]] * 2)
+            raw = np.asarray(e.shift, float) * factor
             final = np.array([r.translation_um[a] for a in axes])
             evidence = (
-                f"peak {e.peak_significance:.1f}, offset {e.offset_check:.2f}, "
+                f"peak {e.peak_significance:.1f}, ridge {e.peak_elongation:.1f}, "
+                f"offset {e.offset_check:.2f}, "
                 f"ncc {e.ncc_before:.2f}->{e.ncc_after:.2f}"
             )
             out.append(
@@ -235,7 +270,7 @@ def run(cases: list[corpus.Case], repeats: int) -> list[dict]:
                     expect=c.expect,
                     fault=c.fault,
                     note=c.note,
-                    structure=round(c.structure, 2),
+                    oracle_error=round(c.oracle_error, 2),
                     ours=o["raw"].tolist(),
                     ours_final=o["final"].tolist(),
                     status=o["status"],

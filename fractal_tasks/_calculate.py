@@ -9,9 +9,10 @@ acquisition.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -49,6 +50,7 @@ QUALITY_COLUMNS = (
     "ncc_before",
     "ncc_after",
     "peak_significance",
+    "peak_elongation",
     "offset_check",
     "level_path",
 )
@@ -97,6 +99,7 @@ class RoiRegistration:
             "ncc_before": e.ncc_before,
             "ncc_after": e.ncc_after,
             "peak_significance": e.peak_significance,
+            "peak_elongation": e.peak_elongation,
             "offset_check": e.offset_check,
             "level_path": self.roi_estimate.level_path,
         }
@@ -148,7 +151,7 @@ def channel_reader(image, channel: int, zarr_url: str) -> Callable[[Box], np.nda
 
     def read(box: Box) -> np.ndarray:
         spatial = box.slices()
-        index = []
+        index: list[int | slice] = []
         for axis in axes:
             if axis == "c":
                 index.append(channel)
@@ -257,6 +260,9 @@ def estimate_rois(
             levels[path] = _open_level(containers, channels, urls, path)
         return levels[path]
 
+    def boxes_at(rois: tuple[Roi, Roi], path: str) -> tuple[Box, Box]:
+        return level(path).boxes(rois)
+
     names = list(reference_rois)
     pairs = {n: (reference_rois[n], acquisition_rois[n]) for n in names}
     for name, rois in pairs.items():
@@ -267,7 +273,7 @@ def estimate_rois(
                     "table, or choose a table whose ROIs are inside the image."
                 )
     chosen = {
-        n: _level_for(lambda p, r=rois: level(p).boxes(r), finer)
+        n: _level_for(functools.partial(boxes_at, rois), finer)
         for n, rois in pairs.items()
     }
     moved = sorted(n for n, p in chosen.items() if p != level_path)
@@ -414,7 +420,7 @@ def _fallback(
     )
 
 
-def roi_sizes(rois: Sequence[Roi]) -> dict[str, dict[str, float]]:
+def roi_sizes(rois: Iterable[Roi]) -> dict[str, dict[str, float]]:
     """Extent in µm per spatial axis of each ROI, by name."""
     return {
         name: {axis: length for axis, (_, length) in slices_um(roi).items()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -141,7 +142,7 @@ def translation_um(roi: Roi) -> dict[str, float] | None:
             f"ROI {roi.name!r} has missing or NaN {bad}. Re-run 'Calculate "
             "Registration (image-based)' on this acquisition."
         )
-    return {a: float(v) for a, v in present.items()}
+    return {a: float(v) for a, v in present.items() if v is not None}
 
 
 def _missing(value: object) -> bool:
@@ -168,14 +169,22 @@ def save_table(
     """
     backend = backend or "anndata"
     folder = Path(zarr_url, "tables", name)
-    if name not in container.list_tables() or not folder.is_dir():
-        container.add_table(name, table, backend=backend, overwrite=True)
-        return
-    scratch = folder.with_name(name + ".writing")
-    shutil.rmtree(scratch, ignore_errors=True)
-    version = zarr.open_group(str(folder), mode="r").metadata.zarr_format
-    group = zarr.open_group(str(scratch), mode="w", zarr_format=version)
-    write_table(group, table, backend=backend)
+    with warnings.catch_warnings():
+        # anndata announces, on every write, that zarr v2 will stop being its
+        # default; an NGFF 0.4 image is zarr v2, and its tables must be too
+        warnings.filterwarnings(
+            "ignore",
+            message="Writing zarr v2 data will no longer be the default",
+            category=UserWarning,
+        )
+        if name not in container.list_tables() or not folder.is_dir():
+            container.add_table(name, table, backend=backend, overwrite=True)
+            return
+        scratch = folder.with_name(name + ".writing")
+        shutil.rmtree(scratch, ignore_errors=True)
+        version = zarr.open_group(str(folder), mode="r").metadata.zarr_format
+        group = zarr.open_group(str(scratch), mode="w", zarr_format=version)
+        write_table(group, table, backend=backend)
     replace_directory(scratch, folder)
 
 

@@ -34,8 +34,13 @@ How :func:`estimate_shift` works:
 The evidence, from the registration itself:
 
 * ``peak_significance``: the height of the correlation peak in robust standard
-  deviations of the rest of the surface. Unrelated or featureless images give
-  a surface of noise whose largest value is about 4-5; a real match 15-100.
+  deviations of the rest of the surface, on its fine band (periods below about
+  8 px). Unrelated or featureless images give a surface of noise whose
+  largest value is about 3-6; a real match 15-100; smooth shading alone
+  (illumination, a defocused cycle) too little.
+* ``peak_elongation``: the ratio of the peak's widths along its principal
+  directions; a ridge (an edge, the rim of a field) fixes the shift across
+  it but not along it.
 * ``offset_check``: the same images cropped with a known offset between
   them must give the shift plus that offset. Content that really moved does;
   a match tied to the image frame (the window's imprint on a smooth
@@ -118,7 +123,12 @@ class ShiftEstimate:
         peak_significance: Height of the correlation peak in robust standard
             deviations (1.4826 MAD) of the correlation surface: about 4-5 for
             images that have nothing in common, 15 and more for a clear match.
-            0 for a constant image.
+            0 for a constant image. Measured on the fine band of the surface
+            (periods below about 8 px), so that a match resting on smooth
+            shading alone (illumination, a defocused cycle) does not count.
+        peak_elongation: Ratio of the peak's widths along its principal
+            directions in y/x: about 1 for a round peak, large for a ridge
+            (an edge fixes the shift across it, not along it).
         offset_check: Where the match lands when the two images are cropped
             with a known offset between them, as a fraction of that offset
             from where moving content puts it: about 0 when the match moves
@@ -131,6 +141,7 @@ class ShiftEstimate:
     ncc_before: float
     ncc_after: float
     peak_significance: float
+    peak_elongation: float
     offset_check: float
 
 
@@ -156,7 +167,9 @@ _SOFT_CLIP_SCALE = 2.0  # log compression scale above the upper quantile
 _BACKGROUND_FRACTION = 0.25  # box size of the background, fraction of an axis
 _WINDOW_ALPHA = 0.2  # Tukey taper, fraction of each axis
 _MIN_RAMP_PX = 6.0  # short axes get cosine ramps of at least this length
+_SHORT_AXIS = 8  # shorter axes (thin z stacks) get no taper and no low-pass
 _WHITENING = 0.7  # exponent of |cross power| divided out (1 = phase only)
+_FINE_BAND = 0.1  # cycles/px: the high-pass of the significance surface
 _LOWPASS = 0.35  # Gaussian spectral weight, sigma as a fraction of Nyquist
 _WRAP_CHECK = 0.25  # test the periodic alias of shifts beyond this fraction
 _UPSAMPLE = 10  # last sub-pixel grid step is 1 / _UPSAMPLE px
@@ -193,11 +206,13 @@ def ncc(a: np.ndarray, b: np.ndarray) -> float:
         raise ValueError(f"ncc needs arrays of equal size, got {a.shape} and {b.shape}")
     if a.size == 0:
         return float("nan")
-    dt = np.float32 if (a.dtype == np.float32 and b.dtype == np.float32) else np.float64
-    av = a.reshape(-1).astype(dt, copy=False)
-    bv = b.reshape(-1).astype(dt, copy=False)
-    av = av - dt(np.mean(av, dtype=np.float64))
-    bv = bv - dt(np.mean(bv, dtype=np.float64))
+    # float32 inputs stay float32 (ample for a coefficient, half the memory)
+    both32 = a.dtype == np.float32 and b.dtype == np.float32
+    dt = np.dtype(np.float32 if both32 else np.float64)
+    av: np.ndarray = np.asarray(a, dtype=dt).reshape(-1)
+    bv: np.ndarray = np.asarray(b, dtype=dt).reshape(-1)
+    av = av - av.mean(dtype=np.float64).astype(dt)
+    bv = bv - bv.mean(dtype=np.float64).astype(dt)
     # einsum rather than np.dot: BLAS threads would spin on a busy machine
     saa = float(np.einsum("i,i->", av, av))
     sbb = float(np.einsum("i,i->", bv, bv))
@@ -224,6 +239,11 @@ def _overlap(
         sr.append(slice(lo, hi))
         sm.append(slice(lo - s, hi - s))
     return tuple(sr), tuple(sm)
+
+
+def _overlap_usable(overlap: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    """At least 8 px of overlap on each axis (the whole axis if shorter)."""
+    return all(o >= min(8, n) for o, n in zip(overlap, shape, strict=True))
 
 
 def _ncc_shifted(ref: np.ndarray, mov: np.ndarray, shift: Sequence[int]) -> float:
@@ -303,12 +323,17 @@ def _check_pair(reference: np.ndarray, moving: np.ndarray) -> None:
 # --------------------------------------------------------------------------
 @functools.lru_cache(maxsize=8)
 def _window(shape: tuple[int, ...]) -> np.ndarray:
-    """Separable Tukey window; short axes get ramps of at least 6 px."""
+    """Separable Tukey window; ramps of at least 6 px, none on short axes.
+
+    An axis shorter than 8 px (a thin z stack) is not tapered: a taper there
+    would leave one or two planes, and the second pass removes the bias of
+    the other axes' taper anyway.
+    """
     w = np.ones((1,) * len(shape), dtype=np.float32)
     for ax, n in enumerate(shape):
-        alpha = (
-            0.0 if n < 5 else min(1.0, max(_WINDOW_ALPHA, 2 * _MIN_RAMP_PX / (n - 1)))
-        )
+        alpha = 0.0
+        if n >= _SHORT_AXIS:
+            alpha = min(1.0, max(_WINDOW_ALPHA, 2 * _MIN_RAMP_PX / (n - 1)))
         profile = tukey(n, alpha).astype(np.float32)
         w = w * profile.reshape([n if a == ax else 1 for a in range(len(shape))])
     w = np.ascontiguousarray(np.broadcast_to(w, shape), dtype=np.float32)
@@ -318,12 +343,17 @@ def _window(shape: tuple[int, ...]) -> np.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def _gauss_lowpass(shape: tuple[int, ...]) -> np.ndarray:
-    """Gaussian weight on the rfft grid, sigma a fraction of Nyquist."""
+    """Gaussian weight on the rfft grid, sigma a fraction of Nyquist.
+
+    Short axes (a thin z stack, not downsampled) are not weighted.
+    """
     w = np.ones([1] * len(shape), np.float32)
     for ax, n in enumerate(shape):
         last = ax == len(shape) - 1
         f = (scipy.fft.rfftfreq(n) if last else scipy.fft.fftfreq(n)) * 2
         g = np.exp(-0.5 * (f / _LOWPASS) ** 2).astype(np.float32)
+        if n < _SHORT_AXIS:
+            g[:] = 1.0
         w = w * g.reshape([g.size if a == ax else 1 for a in range(len(shape))])
     w.setflags(write=False)
     return w
@@ -383,12 +413,57 @@ def _search_region(shape: tuple[int, ...], bound: np.ndarray) -> tuple[np.ndarra
     return tuple(idx)
 
 
+@functools.lru_cache(maxsize=8)
+def _fine_band(shape: tuple[int, ...]) -> np.ndarray:
+    """Spectral weight keeping periods shorter than about 8 px (not on short axes)."""
+    f2 = np.zeros([1] * len(shape), np.float32)
+    for ax, n in enumerate(shape):
+        last = ax == len(shape) - 1
+        f = scipy.fft.rfftfreq(n) if last else scipy.fft.fftfreq(n)
+        if n < _SHORT_AXIS:
+            f = np.zeros_like(f)
+        f2 = f2 + (f**2).astype(np.float32).reshape(
+            [f.size if a == ax else 1 for a in range(len(shape))]
+        )
+    w = (1.0 - np.exp(-0.5 * f2 / _FINE_BAND**2)).astype(np.float32)
+    w.setflags(write=False)
+    return w
+
+
 def _peak_significance(corr: np.ndarray, peak: np.ndarray) -> float:
     """Height of the surface at ``peak`` in robust standard deviations."""
     sample = _subsample(corr)
     median = float(np.median(sample))
     spread = 1.4826 * float(np.median(np.abs(sample - median)))
     return (float(corr[tuple(peak)]) - median) / spread if spread > 0 else 0.0
+
+
+def _peak_elongation(corr: np.ndarray, peak: np.ndarray) -> float:
+    """Ratio of the peak's widths along its principal directions in y and x.
+
+    From a quadratic fitted to the log of the 3x3 values around ``peak`` in
+    the yx plane: about 1 for a round peak, large for a ridge (content that
+    fixes the shift across an edge but not along it). inf if the values do
+    not form a maximum there.
+    """
+    yx = (corr.ndim - 2, corr.ndim - 1)
+    index = [int(p) for p in peak]
+    window = tuple(
+        (np.arange(-1, 2) + index[ax]) % corr.shape[ax] if ax in yx else index[ax]
+        for ax in range(corr.ndim)
+    )
+    values = corr[np.ix_(*[np.atleast_1d(w) for w in window])].reshape(3, 3)
+    if not np.all(values > 0):
+        return math.inf
+    pinv, pairs = _quadratic_design(2)
+    coef = np.einsum("ij,j->i", pinv, np.log(values.astype(np.float64)).ravel())
+    hess = np.zeros((2, 2))
+    for (i, j), c in zip(pairs, coef[3:], strict=True):
+        hess[i, j] = hess[j, i] = c if i != j else 2.0 * c
+    curvature = np.linalg.eigvalsh(-hess)
+    if curvature[0] <= 0:
+        return math.inf
+    return float(math.sqrt(curvature[1] / curvature[0]))
 
 
 def _integer_peak(
@@ -416,15 +491,21 @@ def _integer_peak(
 
 def _pcc(
     ref: np.ndarray, mov: np.ndarray, bound: np.ndarray
-) -> tuple[np.ndarray, float]:
-    """Sub-pixel shift of prepared images, and the peak's significance."""
+) -> tuple[np.ndarray, float, float]:
+    """Sub-pixel shift of prepared images; the peak's significance, elongation."""
     ref, mov = _fast_crop(ref, mov)
     spec = _cross_power(ref, mov)
     corr = scipy.fft.irfftn(spec, s=ref.shape)
     shift = _integer_peak(ref, mov, corr, bound)
     base = np.mod(shift, ref.shape)
     first = shift + _gauss_fit_offsets(corr, base)
-    significance = _peak_significance(corr, base)
+    # significance on the fine band only: a match that rests on smooth
+    # shading alone (illumination, a defocused cycle) is neither precise nor
+    # necessarily a match of the sample
+    fine = scipy.fft.irfftn(spec * _fine_band(ref.shape), s=ref.shape)
+    significance = _peak_significance(fine, base)
+    del fine
+    elongation = _peak_elongation(corr, base) if corr.ndim >= 2 else 1.0
     # Second pass: the stationary window pulls the peak towards 0 (up to
     # ~0.5 px on short axes). Correlating the overlapping parts, aligned to
     # the nearest pixel, leaves a residual below a pixel free of that pull.
@@ -432,7 +513,7 @@ def _pcc(
     for _ in range(3):
         a = np.rint(x).astype(int)
         sr, sm = _overlap(ref.shape, a)
-        if min(ref[sr].shape) < 8:
+        if not _overlap_usable(ref[sr].shape, ref.shape):
             break
         r2, m2 = _fast_crop(ref[sr], mov[sm])
         residual = _polish(_cross_power(r2, m2), r2.shape, x - a)
@@ -440,28 +521,36 @@ def _pcc(
             break  # no peak near the first estimate: keep the first pass
         x = a + residual
         if np.all(np.abs(residual) <= 0.5):
-            return x, significance
+            return x, significance, elongation
     else:
-        return x, significance
+        return x, significance, elongation
     # overlap too small: polish on the first spectrum, in surface coordinates
     wrap = shift - base
-    return _polish(spec, ref.shape, first - wrap) + wrap, significance
+    return _polish(spec, ref.shape, first - wrap) + wrap, significance, elongation
 
 
 def _offset_check(ref: np.ndarray, mov: np.ndarray, shift: np.ndarray) -> float:
     """Does the match move with the content? 0 if so, about 1 if not.
 
     The reference is cropped at ``a`` and the moving image at ``a + d`` (a
-    step ``d`` of an eighth of each axis of 16 px or more, against the
-    shift's sign so that the crops still overlap). Content that really moved
-    by ``shift`` is then found at ``shift + d``, whereas a match tied to the
-    image frame (the window's imprint on a smooth gradient, vignetting, a
-    fixed pattern) stays at ``shift``. Returns the distance of the crops'
-    correlation peak from ``shift + d`` in units of the step, largest over
-    the axes: about 0 for content, 1 for the frame, anything for no match.
+    step ``d`` of an eighth of each axis of 8 px or more). Content that
+    really moved by ``shift`` is then found at ``shift + d``, whereas a match
+    tied to the image frame (the window's imprint on a smooth gradient,
+    vignetting, a fixed pattern) stays at ``shift``. Returns the distance of
+    the crops' correlation peak from ``shift + d`` in units of the step,
+    largest over the axes: about 0 for content, 1 for the frame, anything for
+    no match. Both directions of the step are tried and the better one kept,
+    so that content at one border (a single cell in a corner) is kept whole
+    in at least one of them.
     """
-    d = np.array([max(2, n // 8) if n >= 16 else 0 for n in ref.shape])
-    d = np.where(shift > 0, -d, d)
+    step = np.array([max(1, n // 8) if n >= _SHORT_AXIS else 0 for n in ref.shape])
+    return min(_offset_distance(ref, mov, shift, sign * step) for sign in (1, -1))
+
+
+def _offset_distance(
+    ref: np.ndarray, mov: np.ndarray, shift: np.ndarray, d: np.ndarray
+) -> float:
+    """See :func:`_offset_check`: the distance for one step ``d``."""
     length = np.array(ref.shape) - np.abs(d)
     start = np.maximum(0, -d)
     r = ref[tuple(slice(s, s + n) for s, n in zip(start, length, strict=True))]
@@ -473,9 +562,12 @@ def _offset_check(ref: np.ndarray, mov: np.ndarray, shift: np.ndarray) -> float:
     peak = np.array(np.unravel_index(int(np.argmax(corr)), corr.shape))
     found = _signed(peak, corr.shape) + _gauss_fit_offsets(corr, peak)
     n = np.array(corr.shape)
-    # distance on the periodic surface: shift + d may lie beyond half an axis
-    distance = np.abs((found - (shift + d) + n / 2) % n - n / 2)
-    return float(np.max(distance / np.maximum(np.abs(d), 1)))
+
+    def distance(to: np.ndarray) -> float:  # on the periodic surface
+        return float(np.linalg.norm((found - to + n / 2) % n - n / 2))
+
+    to_content, to_frame = distance(shift + d), distance(shift)
+    return to_content / max(to_content + to_frame, 1e-9)
 
 
 def _chi2(ref: np.ndarray, mov: np.ndarray) -> np.ndarray:
@@ -501,7 +593,7 @@ def _chi2(ref: np.ndarray, mov: np.ndarray) -> np.ndarray:
     shift = run(ref, mov)
     a = np.rint(shift).astype(int)
     sr, sm = _overlap(ref.shape, a)
-    if min(ref[sr].shape) >= 8:
+    if _overlap_usable(ref[sr].shape, ref.shape):
         residual = run(ref[sr], mov[sm])
         if np.all(np.abs(residual) <= 1.0):
             return a + residual
@@ -701,12 +793,14 @@ def estimate_shift(
     mov = _prepare(moving.reshape(squeezed), *quantiles)
     ncc_before = ncc(ref, mov)
     if not squeezed:  # a single pixel
-        return ShiftEstimate((0.0,) * len(full_shape), ncc_before, ncc_before, 0.0, 0.0)
-    sub, significance = _pcc(ref, mov, bound[active])
+        zero = (0.0,) * len(full_shape)
+        return ShiftEstimate(zero, ncc_before, ncc_before, 0.0, 1.0, 0.0)
+    sub, significance, elongation = _pcc(ref, mov, bound[active])
     if method is RegistrationMethod.CHI2_SHIFT:
         sub = _chi2(ref, mov)
     sub = np.clip(sub, -bound[active], bound[active])  # never beyond the bound
-    offset_check = _offset_check(*_fast_crop(ref, mov), sub)
+    ref_fast, mov_fast = _fast_crop(ref, mov)
+    offset_check = _offset_check(ref_fast, mov_fast, sub)
     ncc_after = _ncc_shifted(ref, mov, np.rint(sub).astype(int))
     shift = [0.0] * len(full_shape)
     for ax, v in zip(active, sub, strict=True):
@@ -716,6 +810,7 @@ def estimate_shift(
         ncc_before=ncc_before,
         ncc_after=ncc_after,
         peak_significance=float(significance),
+        peak_elongation=elongation,
         offset_check=offset_check,
     )
 
@@ -723,7 +818,8 @@ def estimate_shift(
 # --------------------------------------------------------------------------
 # verdicts
 # --------------------------------------------------------------------------
-MIN_PEAK_SIGNIFICANCE = 8.0
+MIN_PEAK_SIGNIFICANCE = 10.0
+MAX_PEAK_ELONGATION = 3.0
 MAX_OFFSET_CHECK = 0.5
 MIN_NCC_AFTER = 0.1
 MIN_NCC_GAIN = -0.02
@@ -735,15 +831,17 @@ def judge_estimate(estimate: ShiftEstimate) -> Verdict:
     Checks, in this order (the first failure gives the reason):
 
     1. Both NCC values are defined: else a constant image or no overlap.
-    2. ``peak_significance >= 8``: else no match stands out of the
-       correlation surface (empty, saturated, defocused or unrelated images;
-       images that have nothing in common score about 4-5).
-    3. ``offset_check <= 1``: else the match does not move with the
-       content (it follows the image frame, or there is no unique answer).
-    4. ``ncc_after >= ncc_before - 0.02``: else the shift makes the images
+    2. ``peak_significance >= 10``: else no match stands out of the fine
+       band of the correlation surface (empty, saturated, defocused or
+       unrelated images, smooth shading only; unrelated images score 3-6).
+    3. ``peak_elongation <= 3``: else the peak is a ridge: an edge fixes the
+       shift across it but not along it.
+    4. ``offset_check <= 0.5``: else the match stays with the image frame
+       instead of moving with the content.
+    5. ``ncc_after >= ncc_before - 0.02``: else the shift makes the images
        agree less than no shift at all (-0.02: a true shift below half a
        pixel rounds to 0, so there may be no gain).
-    5. ``ncc_after >= 0.1``: else the images have too little in common.
+    6. ``ncc_after >= 0.1``: else the images have too little in common.
     """
     e = estimate
     if not (math.isfinite(e.ncc_before) and math.isfinite(e.ncc_after)):
@@ -753,6 +851,13 @@ def judge_estimate(estimate: ShiftEstimate) -> Verdict:
             False,
             f"no significant correlation peak ({e.peak_significance:.1f} < "
             f"{MIN_PEAK_SIGNIFICANCE:.1f} robust SD)",
+        )
+    if not e.peak_elongation <= MAX_PEAK_ELONGATION:
+        return Verdict(
+            False,
+            f"the correlation peak is a ridge (elongated {e.peak_elongation:.1f}:1 > "
+            f"{MAX_PEAK_ELONGATION:.1f}:1): the content fixes the shift across an "
+            "edge but not along it",
         )
     if not e.offset_check <= MAX_OFFSET_CHECK:
         return Verdict(
@@ -840,7 +945,7 @@ def judge_estimates(
         distance = np.linalg.norm(shifts - median, axis=1)
         mad = float(np.median(distance[good]))
         threshold = max(outlier_floor, outlier_mads * 1.4826 * mad)
-        for i in np.flatnonzero(good & (distance > threshold)):
+        for i in map(int, np.flatnonzero(good & (distance > threshold))):
             verdicts[i] = Verdict(
                 False,
                 f"outlier: {distance[i]:.1f} from the median of the good ROIs "

@@ -58,12 +58,14 @@ def calculate_registration(
     (more than one time point) are refused with an error.
 
     Each ROI then gets a verdict from the evidence of its own registration: a
-    correlation peak that does not stand out of the correlation surface
-    (empty, saturated, defocused or unrelated images), a match that does not
-    move with the content when the images are cropped with a known offset
-    (a smooth gradient, vignetting, no unique answer), no gain in correlation
-    from the shift, a shift beyond `max_shift`, or a shift far from the other
-    ROIs of the acquisition when those agree closely: the ROI failed. Its
+    correlation peak that does not stand out of the fine band of the
+    correlation surface (empty, saturated, defocused or unrelated images,
+    smooth shading only), a peak that is a ridge (an edge fixes the shift
+    across it, not along it), a match that does not move with the content
+    when the images are cropped with a known offset (it stays with the image
+    frame), no gain in correlation from the shift, a shift beyond
+    `max_shift`, or a shift far from the other ROIs of the acquisition when
+    those agree closely: the ROI failed. Its
     translation is replaced by the median of the good ROIs (status
     `fallback`; the note gives the spread of the good ROIs when they differ
     by more than a pixel) and one warning names it.
@@ -78,8 +80,9 @@ def calculate_registration(
     `registration_note` (why a ROI is not `ok`), `ncc_before` and
     `ncc_after` (normalized cross-correlation, -1 to 1, of the prepared
     registration channel without and with the shift), `peak_significance`
-    (the correlation peak in robust standard deviations of the surface) and
-    `offset_check`, and the `level_path` the ROI was estimated at.
+    (the correlation peak in robust standard deviations of the surface's
+    fine band; at least 10), `peak_elongation` (at most 3), `offset_check`
+    (at most 0.5) and the `level_path` the ROI was estimated at.
 
     Args:
         zarr_url: Path or url to the individual OME-Zarr image to be processed.
@@ -163,7 +166,7 @@ def calculate_registration(
         t = result.translation_um
         logger.info(
             "ROI %s: translation (z, y, x) = (%.3f, %.3f, %.3f) µm, NCC %.3f -> "
-            "%.3f, peak %.1f, offset check %.2f px, %s.",
+            "%.3f, peak %.1f, elongation %.1f, offset check %.2f, %s.",
             result.name,
             t.get("z", 0.0),
             t["y"],
@@ -171,6 +174,7 @@ def calculate_registration(
             result.roi_estimate.estimate.ncc_before,
             result.roi_estimate.estimate.ncc_after,
             result.roi_estimate.estimate.peak_significance,
+            result.roi_estimate.estimate.peak_elongation,
             result.roi_estimate.estimate.offset_check,
             result.status.value,
         )

@@ -259,22 +259,24 @@ def test_empty_noise_saturated_and_unrelated_fovs_flagged(
     assert verdicts[5].reason.startswith("correlation undefined")
     for v, est in zip(verdicts[6:], acquisition[6:], strict=True):
         assert not v.good
-        assert est.peak_significance < 8.0
+        assert est.peak_significance < 10.0
         assert v.reason.startswith("no significant correlation peak")
 
 
 def test_a_smooth_gradient_has_no_unique_answer() -> None:
-    """A vignetting-like field moved by a known shift: the window's imprint makes
-    a strong peak at zero, which the offset check exposes."""
+    """A vignetting-like field moved by a known shift, with a camera's shot
+    noise: the only match is smooth shading, which is not accepted."""
     yy, xx = np.mgrid[:160, :160]
     field = np.exp(-((yy - 60) ** 2 + (xx - 90) ** 2) / (2 * 45.0**2))
-    rng = np.random.default_rng(0)
-    ref = 200 + 3000 * field[20:120, 20:120] + rng.normal(0, 2, (100, 100))
-    mov = 200 + 3000 * field[23:123, 16:116] + rng.normal(0, 2, (100, 100))
-    est = estimate_shift(ref, mov)
-    verdict = judge_estimate(est)
-    assert not verdict.good
-    assert est.offset_check > 1.0 or est.peak_significance < 8.0
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        ref, mov = (
+            rng.poisson(200 + 3000 * f).astype(np.uint16)
+            for f in (field[20:120, 20:120], field[23:123, 16:116])
+        )
+        est = estimate_shift(ref, mov)
+        assert not judge_estimate(est).good
+        assert est.peak_significance < 10.0
 
 
 def test_injected_outlier_caught(acquisition: list[ShiftEstimate]) -> None:
@@ -306,7 +308,11 @@ def test_no_outlier_test_with_fewer_than_3_good(
 
 def _evidence(**kw: float) -> ShiftEstimate:
     values = dict(
-        ncc_before=0.1, ncc_after=0.8, peak_significance=30.0, offset_check=0.1
+        ncc_before=0.1,
+        ncc_after=0.8,
+        peak_significance=30.0,
+        peak_elongation=1.2,
+        offset_check=0.1,
     )
     return ShiftEstimate(shift=(1.0, 1.0), **(values | kw))
 
@@ -315,7 +321,8 @@ def test_each_check_names_its_reason() -> None:
     cases = [
         (_evidence(), ""),
         (_evidence(peak_significance=5.0), "no significant correlation peak (5.0"),
-        (_evidence(offset_check=4.2), "the match does not move with the content"),
+        (_evidence(peak_elongation=4.5), "the correlation peak is a ridge"),
+        (_evidence(offset_check=0.8), "the match does not move with the content"),
         (_evidence(ncc_before=0.12, ncc_after=0.05), "no gain in correlation"),
         (_evidence(ncc_before=0.04, ncc_after=0.05), "weak correlation after"),
         (_evidence(ncc_before=0.95, ncc_after=0.95), ""),  # true zero shift

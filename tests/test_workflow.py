@@ -16,6 +16,7 @@ from _workflow import (
 from ngio import open_ome_zarr_container, open_ome_zarr_well
 from ngio.tables import FeatureTable
 
+from fractal_tasks._calculate import load_quality
 from fractal_tasks.init_calculate_registration import init_calculate_registration
 from fractal_tasks.init_find_consensus import init_find_consensus
 
@@ -41,18 +42,17 @@ def test_init_tasks_pair_images_with_their_reference(make_plate):
 def test_calculate_recovers_known_integer_shifts(make_plate):
     plate = make_plate()
     for item in calculate(plate):
-        table = open_ome_zarr_container(item["zarr_url"]).get_roi_table("FOV_ROI_table")
-        for roi in table.rois():
+        container = open_ome_zarr_container(item["zarr_url"])
+        quality = load_quality(container, "FOV_ROI_table")
+        for roi in container.get_roi_table("FOV_ROI_table").rois():
             true = plate.true_translation_px(item["zarr_url"], roi.name)
             found = [roi.model_extra[f"translation_{a}"] for a in "zyx"]
             found_px = np.array(found) / [1.0, plate.pixel_size, plate.pixel_size]
             # whole-pixel truth: the rounded estimate is exact
             np.testing.assert_array_equal(np.round(found_px), true)
-            assert roi.model_extra["registration_status"] == "ok"
-            assert (
-                roi.model_extra["registration_ncc_after"]
-                >= roi.model_extra["registration_ncc_before"]
-            )
+            verdict = quality.loc[roi.name]
+            assert verdict["registration_status"] == "ok"
+            assert verdict["ncc_after"] >= verdict["ncc_before"]
 
 
 def _check_registered(plate, output_of, source_of):
@@ -194,6 +194,7 @@ def test_tables_are_copied_from_the_right_image(make_plate):
     assert sorted(out.list_tables()) == [
         "FOV_ROI_table",
         "FOV_ROI_table_registered",
+        "FOV_ROI_table_registration_quality",
         "nuclei_features",
         "well_ROI_table",
     ]
