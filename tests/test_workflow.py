@@ -10,6 +10,7 @@ from _workflow import (
     expected_level0,
     expected_pyramid,
     register,
+    spatial_index,
     urls_of,
     windows,
 )
@@ -249,3 +250,82 @@ def test_every_task_twice_gives_the_same_result(make_plate):
     np.testing.assert_array_equal(
         open_ome_zarr_container(urls_of(plate)[2]).get_image().get_array(), pixels
     )
+
+
+def _texture_plate(make_plate):
+    """A plate whose every FOV shows a real dense texture (scikit-image's grass)
+    where the stage put it: acquisition pixel p shows what reference pixel
+    p + translation shows (whole-pixel translations, so that apply, which
+    moves whole pixels, can line the texture up exactly)."""
+    from scipy import ndimage as ndi
+    from skimage import data
+
+    plate = make_plate(labels=False, fov_shape=(128, 160))
+    texture = data.grass().astype(np.float64)
+    rng = np.random.default_rng(0)
+    for image_url in urls_of(plate):
+        container = open_ome_zarr_container(image_url)
+        image = container.get_image()
+        array = np.zeros(image.shape, dtype=np.float64)
+        for roi in container.get_roi_table("FOV_ROI_table").rois():
+            y0 = int(round(roi["y"].start / plate.pixel_size))
+            x0 = int(round(roi["x"].start / plate.pixel_size))
+            h = int(round(roi["y"].length / plate.pixel_size))
+            w = int(round(roi["x"].length / plate.pixel_size))
+            _, ty, tx = plate.true_translation_px(image_url, roi.name)
+            # 100 px margin: the texture is sampled around the FOV's place
+            start = np.array([100 + y0 + ty, 100 + x0 + tx])
+            whole = np.floor(start).astype(int)
+            region = texture[whole[0] : whole[0] + h + 4, whole[1] : whole[1] + w + 4]
+            moved = ndi.shift(region, -(start - whole), order=3, mode="nearest")
+            counts = rng.poisson(100 + 12 * np.clip(moved[:h, :w], 0, None))
+            array[..., y0 : y0 + h, x0 : x0 + w] = counts
+        image.set_array(array.astype(image.dtype))
+        image.consolidate(mode="auto")
+    return plate
+
+
+def _window_correlation(reference, moving, axes, box, dy, dx):
+    """Correlation of a window (1 px inside) with the moving image's, moved."""
+    inner = {
+        a: slice(s.start + 1, s.stop - 1) if a in "yx" else s for a, s in box.items()
+    }
+    moved = {
+        **inner,
+        "y": slice(inner["y"].start + dy, inner["y"].stop + dy),
+        "x": slice(inner["x"].start + dx, inner["x"].stop + dx),
+    }
+    a = reference[spatial_index(axes, inner)].astype(float).ravel()
+    b = moving[spatial_index(axes, moved)].astype(float).ravel()
+    return np.corrcoef(a, b)[0, 1]
+
+
+def test_dense_texture_plate_through_the_three_tasks(make_plate):
+    plate = _texture_plate(make_plate)
+    register(
+        plate,
+        calc_args={"level_path": "2"},
+        apply_args={"overwrite_input": False},
+    )
+    reference_url = urls_of(plate)[0]
+    reference = open_ome_zarr_container(reference_url + "_registered")
+    ref_pixels = reference.get_image().get_array()[0]
+    for url in urls_of(plate)[1:]:
+        container = open_ome_zarr_container(url)
+        quality = load_quality(container, "FOV_ROI_table")
+        assert set(quality["registration_status"]) == {"ok"}
+        for roi in container.get_roi_table("FOV_ROI_table").rois():
+            found = np.array([roi.model_extra[f"translation_{a}"] for a in "yx"])
+            true = np.array(plate.true_translation_px(url, roi.name)[1:])
+            assert np.abs(found / plate.pixel_size - true).max() < 0.5, roi.name
+        # registered, the texture lines up with the reference's in every window:
+        # the correlation is high, and lower one pixel off in any direction
+        registered = open_ome_zarr_container(url + "_registered").get_image()
+        acq_pixels = registered.get_array()[0]
+        axes = registered.axes[1:]
+        for name, box in windows(reference_url + "_registered").items():
+            aligned = _window_correlation(ref_pixels, acq_pixels, axes, box, 0, 0)
+            assert aligned > 0.8, name
+            for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+                off = _window_correlation(ref_pixels, acq_pixels, axes, box, dy, dx)
+                assert off < aligned, (name, dy, dx)

@@ -1,0 +1,94 @@
+"""Shift estimation and verdicts on small crops of real images (not ours).
+
+The images ship inside scikit-image (a dependency): a texture, brightfield
+tissue, a quantitative phase image of a cell, coins, a deep field of sparse
+stars, a retinal fundus. Each pair is a 224x224 crop and the
+same crop moved by a known subpixel shift (cubic spline), with fresh camera
+noise each, read at "level 2" (4x4 mean), as the task reads them by default.
+The full corpus (24 images from 6 packages) runs in
+benchmarks/registration_corpus.py, not here.
+"""
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+from skimage import color, data
+
+from fractal_tasks._shift import estimate_shift, judge_estimate
+
+FOV = 224
+
+
+def _grey(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image, dtype=np.float64)
+    return color.rgb2gray(image[..., :3]) if image.ndim == 3 else image
+
+
+IMAGES = {
+    "texture (grass)": lambda: _grey(data.grass()),
+    "brightfield tissue (IHC)": lambda: _grey(data.immunohistochemistry()),
+    "quantitative phase (cell)": lambda: _grey(data.cell()),
+    "coins": lambda: _grey(data.coins()),
+    "sparse stars (Hubble)": lambda: _grey(data.hubble_deep_field()),
+    "fundus (retina)": lambda: _grey(data.retina())[300:900, 0:600],
+}
+
+
+def _crop(image: np.ndarray, corner: tuple[int, int], shift) -> np.ndarray:
+    """The FOV at ``corner`` of a stage moved by ``shift`` (level-0 px)."""
+    whole = np.floor(shift).astype(int)
+    y, x = corner[0] + whole[0] - 4, corner[1] + whole[1] - 4
+    region = image[y : y + FOV + 8, x : x + FOV + 8]
+    moved = ndi.shift(region, -(np.asarray(shift) - whole), order=3, mode="nearest")
+    return moved[4 : 4 + FOV, 4 : 4 + FOV]
+
+
+def _camera(content: np.ndarray, rng: np.random.Generator, gain: float = 1.0):
+    scaled = (content - content.min()) / (np.ptp(content) + 1e-12)
+    counts = rng.poisson(200 + 3000 * gain * scaled).astype(np.float64)
+    return np.clip(counts + rng.normal(0, 3, counts.shape), 0, 65535).astype(np.uint16)
+
+
+def _level2(a: np.ndarray) -> np.ndarray:
+    n = a.shape[0] // 4
+    return a[: 4 * n, : 4 * n].reshape(n, 4, n, 4).mean(axis=(1, 3))
+
+
+def _pair(image, shift, seed, moving_content=None):
+    rng = np.random.default_rng(seed)
+    corner = (image.shape[0] // 2 - FOV // 2, image.shape[1] // 2 - FOV // 2)
+    reference = _camera(_crop(image, corner, (0.0, 0.0)), rng)
+    moving = _crop(image, corner, shift) if moving_content is None else moving_content
+    return _level2(reference), _level2(_camera(moving, rng, gain=0.8))
+
+
+@pytest.mark.parametrize("kind", sorted(IMAGES))
+def test_real_image_kinds_register_within_half_a_pixel(kind):
+    image = IMAGES[kind]()
+    for seed, shift in enumerate([(7.3, -11.6), (-13.8, 4.25)]):
+        reference, moving = _pair(image, shift, seed)
+        estimate = estimate_shift(reference, moving)
+        found = np.asarray(estimate.shift) * 4  # level-2 px -> level-0 px
+        assert np.linalg.norm(found - shift) < 0.5, (kind, found, shift)
+        assert judge_estimate(estimate).good, (kind, judge_estimate(estimate))
+
+
+def test_failures_are_caught():
+    image = IMAGES["brightfield tissue (IHC)"]()
+    shift = (6.6, -9.1)
+    blank = np.zeros((FOV, FOV))
+    other = _grey(data.grass())[:FOV, :FOV]  # another sample
+    defocused = ndi.gaussian_filter(
+        _crop(image, (image.shape[0] // 2 - FOV // 2,) * 2, shift), 16
+    )
+    yy, xx = np.mgrid[-1 : 1 : FOV * 1j, -1 : 1 : FOV * 1j]
+    stationary_field = np.exp(-((yy - 0.3) ** 2 + (xx + 0.2) ** 2) / 1.5)
+    cases = {"blank": blank, "other sample": other, "defocused": defocused}
+    for name, content in cases.items():
+        reference, moving = _pair(image, shift, 3, moving_content=content)
+        verdict = judge_estimate(estimate_shift(reference, moving))
+        assert not verdict.good, name
+    # a flat field that does not move with the stage, in both cycles
+    rng = np.random.default_rng(5)
+    reference, moving = (_level2(_camera(stationary_field, rng)) for _ in range(2))
+    assert not judge_estimate(estimate_shift(reference, moving)).good
