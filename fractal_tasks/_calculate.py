@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -30,6 +32,7 @@ from fractal_tasks._shift import (
     RegistrationStatus,
     ShiftEstimate,
     estimate_shift,
+    judge_estimate,
     judge_estimates,
 )
 
@@ -209,6 +212,36 @@ def _level_for(roi_boxes: Callable[[str], tuple[Box, Box]], paths: list[str]) ->
     return paths[-1]
 
 
+def estimate_with_retry(
+    read_pair: Callable[[str], tuple[np.ndarray, np.ndarray]],
+    paths: Sequence[str],
+    **options: Any,
+) -> tuple[ShiftEstimate, str]:
+    """The estimate at ``paths[0]``, or one level finer when that one is better.
+
+    When the estimate at ``paths[0]`` fails its own evidence (see
+    :func:`judge_estimate`) and a finer level ``paths[1]`` exists, the ROI is
+    estimated there too, and that estimate is kept if it passes: a lone cell
+    at a border, or an edge, may be too little at a 4x downsampled level and
+    enough at a 2x one. Only failed ROIs pay for the finer read.
+
+    Args:
+        read_pair: Reads ``(reference, acquisition)`` pixels of the ROI at a
+            level path.
+        paths: Level paths, coarse to fine, starting at the ROI's level.
+        **options: Passed to :func:`estimate_shift`.
+
+    Returns:
+        The estimate kept and the path of its level.
+    """
+    estimate = estimate_shift(*read_pair(paths[0]), **options)
+    if len(paths) > 1 and not judge_estimate(estimate).good:
+        finer = estimate_shift(*read_pair(paths[1]), **options)
+        if judge_estimate(finer).good:
+            return finer, paths[1]
+    return estimate, paths[0]
+
+
 def estimate_rois(
     reference: OmeZarrContainer,
     acquisition: OmeZarrContainer,
@@ -255,10 +288,13 @@ def estimate_rois(
     paths = list(reference.level_paths)
     finer = paths[: paths.index(level_path) + 1][::-1]  # coarse to fine
 
+    opening = threading.Lock()
+
     def level(path: str) -> _Level:
-        if path not in levels:
-            levels[path] = _open_level(containers, channels, urls, path)
-        return levels[path]
+        with opening:  # ROIs run in threads; open each level once
+            if path not in levels:
+                levels[path] = _open_level(containers, channels, urls, path)
+            return levels[path]
 
     def boxes_at(rois: tuple[Roi, Roi], path: str) -> tuple[Box, Box]:
         return level(path).boxes(rois)
@@ -288,17 +324,20 @@ def estimate_rois(
         )
 
     def one(name: str) -> RoiEstimate:
-        at = level(chosen[name])
-        boxes = crop_to_common(*at.boxes(pairs[name]))
-        ref_pixels, acq_pixels = (read(b) for read, b in zip(at.readers, boxes))
-        estimate = estimate_shift(
-            ref_pixels,
-            acq_pixels,
+        def read_pair(path: str) -> tuple[np.ndarray, np.ndarray]:
+            at = level(path)
+            boxes = crop_to_common(*at.boxes(pairs[name]))
+            ref, acq = (read(b) for read, b in zip(at.readers, boxes))
+            return ref, acq
+
+        estimate, path = estimate_with_retry(
+            read_pair,
+            finer[finer.index(chosen[name]) :],
             method=method,
             lower_rescale_quantile=quantiles[0],
             upper_rescale_quantile=quantiles[1],
         )
-        return RoiEstimate(estimate, at.path, at.geometries[0][0])
+        return RoiEstimate(estimate, path, level(path).geometries[0][0])
 
     started = time.perf_counter()
     estimates = {}
@@ -309,6 +348,14 @@ def estimate_rois(
             if done % step == 0 and done < len(names):
                 logger.info("Estimated %d/%d ROI shifts.", done, len(names))
     elapsed = time.perf_counter() - started
+    retried = sorted(n for n, e in estimates.items() if e.level_path != chosen[n])
+    if retried:
+        logger.info(
+            "ROI(s) %s gave no reliable match at their level; estimated one level "
+            "finer instead (level(s) %s).",
+            retried,
+            sorted({estimates[n].level_path for n in retried}),
+        )
     logger.info(
         "Estimated %d ROI shift(s) in %.2f s (%.3f s per ROI).",
         len(names),

@@ -54,8 +54,10 @@ def calculate_registration(
     background removed, and the shift is estimated with subpixel precision
     (phase correlation with a window and a low-pass, refined around the
     peak). A ROI smaller than 32 px in y or x at `level_path` is read at
-    the coarsest finer level where it is not, and the log says so. Time series
-    (more than one time point) are refused with an error.
+    the coarsest finer level where it is not, and a ROI whose estimate fails
+    its own evidence (below) is estimated once more one level finer, kept if
+    it passes there; the log says so. Time series (more than one time point)
+    are refused with an error.
 
     Each ROI then gets a verdict from the evidence of its own registration: a
     correlation peak that does not stand out of the fine band of the
