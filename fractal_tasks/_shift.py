@@ -62,7 +62,6 @@ from enum import StrEnum
 import numpy as np
 import scipy.fft
 from scipy import ndimage
-from scipy.signal.windows import tukey
 
 __all__ = [
     "RegistrationMethod",
@@ -341,6 +340,19 @@ def _check_pair(reference: np.ndarray, moving: np.ndarray) -> None:
 # --------------------------------------------------------------------------
 # phase correlation
 # --------------------------------------------------------------------------
+def _tukey(n: int, ramp: int) -> np.ndarray:
+    """Tukey window: flat, with the halves of a Hann window as its two ramps.
+
+    Built from ``np.hanning`` (``scipy.signal.windows.tukey`` gives the same
+    values; importing ``scipy.signal`` costs the task process about a second).
+    """
+    hann = np.hanning(2 * ramp + 1) if ramp > 0 else np.ones(1)
+    w = np.ones(n)
+    w[:ramp] = hann[:ramp]
+    w[n - ramp :] = hann[ramp + 1 :]
+    return w
+
+
 @functools.lru_cache(maxsize=8)
 def _window(shape: tuple[int, ...]) -> np.ndarray:
     """Separable Tukey window; ramps of at least 6 px, none on short axes.
@@ -351,10 +363,11 @@ def _window(shape: tuple[int, ...]) -> np.ndarray:
     """
     w = np.ones((1,) * len(shape), dtype=np.float32)
     for ax, n in enumerate(shape):
-        alpha = 0.0
+        ramp = 0
         if n >= _SHORT_AXIS:
-            alpha = min(1.0, max(_WINDOW_ALPHA, 2 * _MIN_RAMP_PX / (n - 1)))
-        profile = tukey(n, alpha).astype(np.float32)
+            ramp = int(max(_WINDOW_ALPHA * (n - 1) / 2, _MIN_RAMP_PX))
+            ramp = min(ramp, (n - 1) // 2)
+        profile = _tukey(n, ramp).astype(np.float32)
         w = w * profile.reshape([n if a == ax else 1 for a in range(len(shape))])
     w = np.ascontiguousarray(np.broadcast_to(w, shape), dtype=np.float32)
     w.setflags(write=False)
