@@ -15,9 +15,10 @@ import numpy as np
 from ngio import open_ome_zarr_container
 
 from fractal_tasks.calculate_registration import calculate_registration
+from fractal_tasks.demo import build_demo_plate
 from fractal_tasks.init_calculate_registration import init_calculate_registration
 from fractal_tasks.qc import render_well_qc
-from fractal_tasks.synthetic import REGISTRATION_WAVELENGTH, build_synthetic_plate
+from fractal_tasks.synthetic import REGISTRATION_WAVELENGTH
 
 
 def empty_fov(zarr_url: str, fov: str, seed: int = 0) -> None:
@@ -39,15 +40,7 @@ def empty_fov(zarr_url: str, fov: str, seed: int = 0) -> None:
 def main(output: str) -> None:
     """Build the plate in a temporary folder and write the picture to ``output``."""
     with tempfile.TemporaryDirectory() as tmp:
-        plate = build_synthetic_plate(
-            Path(tmp, "plate.zarr"),
-            wells=("B03",),
-            n_acquisitions=3,
-            fovs=(2, 2),
-            fov_shape=(256, 320),
-            subpixel=True,
-            seed=7,
-        )
+        plate = build_demo_plate(Path(tmp, "plate.zarr"), wells=("B03",))
         urls = [image.zarr_url for image in plate.images]
         empty_fov(urls[2], "FOV_4")
         init = init_calculate_registration(zarr_urls=urls, zarr_dir=tmp)

@@ -23,7 +23,11 @@ from typing import Any
 import numpy as np
 
 import fractal_tasks
-from fractal_tasks.synthetic import REGISTRATION_WAVELENGTH, build_synthetic_plate
+from fractal_tasks.synthetic import (
+    REGISTRATION_WAVELENGTH,
+    SyntheticPlate,
+    build_synthetic_plate,
+)
 
 PACKAGE_DIR = Path(fractal_tasks.__file__).parent
 _RUN_NUMBERS = itertools.count()  # next() on it is atomic under the GIL
@@ -132,6 +136,21 @@ def run_workflow(
     return [u for out in outputs for u in out["image_list_updates"]]
 
 
+def build_demo_plate(
+    path: Path, wells: tuple[str, ...] = ("B03", "B05")
+) -> SyntheticPlate:
+    """The demo's plate: 3 cycles, 2x2 FOVs of 256x320 px, subpixel shifts."""
+    return build_synthetic_plate(
+        path,
+        wells=wells,
+        n_acquisitions=3,
+        fovs=(2, 2),
+        fov_shape=(256, 320),
+        subpixel=True,
+        seed=7,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Build the demo plate, register it, and print what was recovered."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -140,15 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(tempfile.mkdtemp(prefix="fractal-tasks-demo-"))
     out.mkdir(parents=True, exist_ok=True)
     print(f"Building a synthetic plate in {out} ...")
-    plate = build_synthetic_plate(
-        out / "plate.zarr",
-        wells=("B03", "B05"),
-        n_acquisitions=3,
-        fovs=(2, 2),
-        fov_shape=(256, 320),
-        subpixel=True,
-        seed=7,
-    )
+    plate = build_demo_plate(out / "plate.zarr")
     urls = [image.zarr_url for image in plate.images]
     print(
         f"{len(urls)} images, {len(plate.fov_names)} FOVs per image; running the "
