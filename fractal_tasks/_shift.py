@@ -151,7 +151,7 @@ class Verdict:
     Attributes:
         good: True if the estimate passed every check.
         reason: Empty if ``good``; otherwise why not, e.g.
-            ``"no significant correlation peak (4.1 < 8.0)"``.
+            ``"no significant correlation peak (4.1 < 10.0 robust SD)"``.
     """
 
     good: bool
@@ -488,11 +488,7 @@ def _peak_elongation(corr: np.ndarray, peak: np.ndarray) -> float:
     values = corr[np.ix_(*[np.atleast_1d(w) for w in window])].reshape(3, 3)
     if not np.all(values > 0):
         return math.inf
-    pinv, pairs = _quadratic_design(2)
-    coef = np.einsum("ij,j->i", pinv, np.log(values.astype(np.float64)).ravel())
-    hess = np.zeros((2, 2))
-    for (i, j), c in zip(pairs, coef[3:], strict=True):
-        hess[i, j] = hess[j, i] = c if i != j else 2.0 * c
+    _, hess = _fit_quadratic(np.log(values.astype(np.float64)))
     curvature = np.linalg.eigvalsh(-hess)
     if curvature[0] <= 0:
         return math.inf
@@ -689,19 +685,21 @@ def _quadratic_design(nd: int) -> tuple[np.ndarray, tuple[tuple[int, int], ...]]
     return pinv, pairs
 
 
+def _fit_quadratic(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Gradient and Hessian at the centre of a quadratic fitted to 3**nd values."""
+    nd = values.ndim
+    pinv, pairs = _quadratic_design(nd)
+    coef = np.einsum("ij,j->i", pinv, values.ravel())
+    hess = np.zeros((nd, nd))
+    for (i, j), c in zip(pairs, coef[1 + nd :], strict=True):
+        hess[i, j] = hess[j, i] = 2.0 * c if i == j else c
+    return coef[1 : 1 + nd], hess
+
+
 def _quadratic_peak(vals: np.ndarray) -> np.ndarray:
     """Vertex (grid steps, clipped to +-1) of a quadratic fitted to 3**nd values."""
     nd = vals.ndim
-    v = np.log(vals) if np.all(vals > 0) else vals
-    pinv, pairs = _quadratic_design(nd)
-    coef = np.einsum("ij,j->i", pinv, v.ravel())
-    grad = coef[1 : 1 + nd]
-    hess = np.zeros((nd, nd))
-    for (i, j), c in zip(pairs, coef[1 + nd :], strict=True):
-        if i == j:
-            hess[i, i] = 2.0 * c
-        else:
-            hess[i, j] = hess[j, i] = c
+    grad, hess = _fit_quadratic(np.log(vals) if np.all(vals > 0) else vals)
     if np.all(np.linalg.eigvalsh(hess) < 0):
         off = np.linalg.solve(hess, -grad)
     else:  # not a maximum: independent 3-point fits
