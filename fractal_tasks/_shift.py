@@ -850,7 +850,7 @@ def estimate_shift(
 # verdicts
 # --------------------------------------------------------------------------
 MIN_PEAK_SIGNIFICANCE = 10.0
-MAX_PEAK_ELONGATION = 3.0
+MAX_PEAK_ELONGATION = 2.5
 MAX_OFFSET_CHECK = 0.5
 MIN_NCC_AFTER = 0.1
 MIN_NCC_GAIN = -0.02
@@ -865,7 +865,7 @@ def judge_estimate(estimate: ShiftEstimate) -> Verdict:
     2. ``peak_significance >= 10``: else no match stands out of the fine
        band of the correlation surface (empty, saturated, defocused or
        unrelated images, smooth shading only; unrelated images score 3-6).
-    3. ``peak_elongation <= 3``: else the peak is a ridge: an edge fixes the
+    3. ``peak_elongation <= 2.5``: else the peak is a ridge: an edge fixes the
        shift across it but not along it.
     4. ``offset_check <= 0.5``: else the match stays with the image frame
        instead of moving with the content.

@@ -83,7 +83,7 @@ def calculate_registration(
     `ncc_after` (normalized cross-correlation, -1 to 1, of the prepared
     registration channel without and with the shift), `peak_significance`
     (the correlation peak in robust standard deviations of the surface's
-    fine band; at least 10), `peak_elongation` (at most 3), `offset_check`
+    fine band; at least 10), `peak_elongation` (at most 2.5), `offset_check`
     (at most 0.5) and the `level_path` the ROI was estimated at.
 
     Args:
