@@ -133,8 +133,8 @@ class Client:
         )
         self.token = out["access_token"]
 
-    def post_file(self, path: str, field: str, file_path: Path, fields=None):
-        """POST multipart/form-data with one file (plus plain form fields)."""
+    def post_file(self, path, field, file_path: Path | None, fields=None):
+        """POST multipart/form-data: plain form fields and one file (or none)."""
         boundary = "e2e" + uuid.uuid4().hex
         chunks = []
         for name, value in (fields or {}).items():
@@ -142,15 +142,17 @@ class Client:
                 f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"'
                 f"\r\n\r\n{value}\r\n".encode()
             )
-        chunks.append(
-            (
-                f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; '
-                f'filename="{file_path.name}"\r\n'
-                "Content-Type: application/octet-stream\r\n\r\n"
-            ).encode()
-        )
-        chunks.append(file_path.read_bytes())
-        chunks.append(f"\r\n--{boundary}--\r\n".encode())
+        if file_path is not None:
+            chunks.append(
+                (
+                    f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; '
+                    f'filename="{file_path.name}"\r\n'
+                    "Content-Type: application/octet-stream\r\n\r\n"
+                ).encode()
+            )
+            chunks.append(file_path.read_bytes())
+            chunks.append(b"\r\n")
+        chunks.append(f"--{boundary}--\r\n".encode())
         return self._request(
             "POST",
             path,
@@ -307,9 +309,26 @@ def cmd_make_dummy_wheel(ns) -> None:
 # ---------------------------------------------------------------------------
 def collect_wheel(api: Client, wheel: Path, timeout: float) -> dict:
     """Collect a wheel, wait for the activity, return the task group."""
-    t0 = time.time()
     activity = api.post_file("/api/v2/task/collect/pip/", "file", wheel)
     say(f"collection of {wheel.name} started (activity {activity['id']})")
+    return wait_collection(api, activity, timeout)
+
+
+def collect_package(api: Client, package: str, version: str, timeout: float) -> dict:
+    """Collect ``package==version`` from the package index; return the task group."""
+    activity = api.post_file(
+        "/api/v2/task/collect/pip/",
+        None,
+        None,
+        fields={"package": package, "package_version": version},
+    )
+    say(f"collection of {package}=={version} started (activity {activity['id']})")
+    return wait_collection(api, activity, timeout)
+
+
+def wait_collection(api: Client, activity: dict, timeout: float) -> dict:
+    """Poll a collection activity until it ends; return the task group."""
+    t0 = time.time()
     last = None
     while True:
         activity = api.get(f"/api/v2/task-group/activity/{activity['id']}/")
@@ -536,6 +555,12 @@ def cmd_run(ns) -> None:
             check(tasks[name]["type"] == kind, f"{name!r} has type {kind}")
     if FAILURES:
         finish(ns, summary)
+    records = work / "measure"
+    if ns.backend == "slurm" and ns.mem_check:
+        measure = _measure_module()
+        python = measure.task_python(next(iter(tasks.values())))
+        measure.install_wrapper(python, records)
+        say(f"{python} now runs under GNU time (peak memory per task, {records})")
 
     # --- project, dataset, synthetic plate ----------------------------------
     project = api.post("/api/v2/project/", {"name": "e2e-registration"})
@@ -637,6 +662,8 @@ def cmd_run(ns) -> None:
         check_task_logs(ns, job)
         if ns.backend == "slurm":
             slurm_checks(ns, job, plate)
+            if ns.mem_check:
+                memory_checks(tasks, records)
 
     # --- negative case --------------------------------------------------------
     ds_bad = new_dataset(api, pid, "plate-bad-args", ns.project_dir)
@@ -693,6 +720,51 @@ def slurm_checks(ns, job: dict, plate: dict) -> None:
         check(ok, what)
 
 
+def _measure_module():
+    """``.ci/e2e/measure.py`` (shared with benchmarks/bench_fractal_server.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
+    sys.dont_write_bytecode = True  # no __pycache__ in the source tree
+    import measure
+
+    return measure
+
+
+def memory_checks(tasks: dict, records: Path) -> None:
+    """No task process used more memory than the ``mem`` its task declares.
+
+    The peak is the process's own maximum RSS from GNU time. It must fit both
+    the ``mem`` the step ran with (the workflow's ``meta_parallel``,
+    SLURM_META, over the manifest's) and the manifest's own ``mem`` (MB, which
+    SLURM reads as MiB). Records are consumed (moved aside) so that a later
+    job is checked on its own.
+    """
+    measure = _measure_module()
+    index = measure.script_index(list(tasks.values()))
+    recs = measure.read_records(records)
+    check(bool(recs), f"GNU time recorded the task processes ({len(recs)})")
+    worst: dict[tuple[str, str], float] = {}
+    for rec in recs:
+        key = index.get(rec["script"])
+        if key is not None:
+            worst[key] = max(worst.get(key, 0.0), rec["peak_mib"])
+    for (name, part), peak in sorted(worst.items()):
+        ran = measure.declared_meta(tasks[name], part, SLURM_META.get(name))
+        manifest = measure.declared_meta(tasks[name], part)
+        limits = [m["mem"] for m in (ran, manifest) if m.get("mem") is not None]
+        if not limits:
+            continue
+        check(
+            peak <= min(limits),
+            f"{name} ({part}): peak RSS {peak:.0f} MiB <= declared mem "
+            f"{ran.get('mem')} MB (manifest: {manifest.get('mem')} MB)",
+        )
+    done = records / "checked"
+    done.mkdir(exist_ok=True)
+    for f in records.iterdir():
+        if f.is_file():
+            f.rename(done / f.name)
+
+
 def finish(ns, summary: dict) -> None:
     """Print the summary and exit (1 if any check failed)."""
     print()
@@ -736,6 +808,13 @@ def main() -> None:
         p.add_argument("--slurm-dir", default=None)
         p.add_argument("--strict-logs", action="store_true")
         if name == "run":
+            p.add_argument(
+                "--no-mem-check",
+                dest="mem_check",
+                action="store_false",
+                help="SLURM: do not run the tasks under GNU time to check their "
+                "peak memory against the declared mem",
+            )
             p.add_argument("--pkg-python", required=True)
             p.add_argument("--checks-dir", required=True)
     ns = parser.parse_args()

@@ -2,11 +2,18 @@
 # End-to-end test: collect fractal_tasks into a real fractal-server (local
 # runner, PostgreSQL) and run the registration workflow on a synthetic plate.
 #
-# Usage: bash .ci/fractal_server_e2e.sh [--smoke] [--slurm]
+# Usage: bash .ci/fractal_server_e2e.sh [--smoke] [--slurm] [--run=SCRIPT]
 #   --smoke   test only the server machinery: collect a throwaway wheel made on
 #             the fly and run one no-op job (does not need fractal_tasks).
 #   --slurm   use fractal-server's slurm_sudo runner on a single-node SLURM
 #             cluster started here (see .ci/fractal_server_slurm_e2e.sh).
+#   --run=SCRIPT  bring everything up as for the test (wheel built, manifest
+#             validated), then run the Python SCRIPT with the package python
+#             instead of the test; it finds the server in FRACTAL_E2E_URL,
+#             FRACTAL_E2E_EMAIL, FRACTAL_E2E_PASSWORD, FRACTAL_E2E_WHEEL,
+#             FRACTAL_E2E_WORK, FRACTAL_E2E_PROJECT_DIR, FRACTAL_E2E_BACKEND,
+#             FRACTAL_E2E_SLURM_USER, FRACTAL_E2E_SLURM_DIR and
+#             FRACTAL_E2E_SERVER_VERSION (used by benchmarks/bench_fractal_server.py).
 #
 # Environment (all optional):
 #   FRACTAL_E2E_PKG_PYTHON   python with fractal_tasks + ngio installed
@@ -18,6 +25,8 @@
 #   FRACTAL_E2E_STRICT_LOGS=1   fail if a task log of the clean run contains
 #                            "warning" (any case); otherwise such lines are only listed
 #   FRACTAL_E2E_SLURM_USER   the unprivileged SLURM user (--slurm; default fractal-e2e-user)
+#   FRACTAL_E2E_MEM_CHECK=0  --slurm: do not run the tasks under GNU time to check that
+#                            no task process exceeds the mem it declares (on by default)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -27,14 +36,17 @@ SERVER_SPEC="${FRACTAL_E2E_SERVER_SPEC:-fractal-server}"
 KEEP="${FRACTAL_E2E_KEEP:-0}"
 TIMEOUT="${FRACTAL_E2E_TIMEOUT:-1200}"
 STRICT_LOGS="${FRACTAL_E2E_STRICT_LOGS:-0}"
+MEM_CHECK="${FRACTAL_E2E_MEM_CHECK:-1}"
 MODE=full
 BACKEND=local
+RUN_SCRIPT=""
 SLURM_USER="${FRACTAL_E2E_SLURM_USER:-fractal-e2e-user}"
 for arg in "$@"; do
     case "$arg" in
         --smoke) MODE=smoke ;;
         --slurm) BACKEND=slurm ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        --run=*) RUN_SCRIPT="$(readlink -f "${arg#--run=}")" ;;
+        -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
         *) echo "unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
@@ -334,9 +346,20 @@ if [ "$BACKEND" = slurm ]; then
     COMMON+=(--backend slurm --slurm-user "$SLURM_USER" --slurm-dir "$WORK/slurm")
 fi
 [ "$STRICT_LOGS" = 1 ] && COMMON+=(--strict-logs)
-if [ "$MODE" = full ]; then
+if [ -n "$RUN_SCRIPT" ]; then
+    [ "$MODE" = full ] || die "--run needs the package wheel (not --smoke)"
+    log "running $RUN_SCRIPT instead of the test"
+    FRACTAL_E2E_URL="$URL" FRACTAL_E2E_EMAIL="$ADMIN_EMAIL" \
+        FRACTAL_E2E_PASSWORD="$ADMIN_PASSWORD" FRACTAL_E2E_WHEEL="$WHEEL" \
+        FRACTAL_E2E_WORK="$WORK" FRACTAL_E2E_PROJECT_DIR="$WORK/project" \
+        FRACTAL_E2E_BACKEND="$BACKEND" FRACTAL_E2E_SLURM_USER="$SLURM_USER" \
+        FRACTAL_E2E_SLURM_DIR="$WORK/slurm" FRACTAL_E2E_SERVER_VERSION="$FS_VERSION" \
+        "$PKG_PY" "$RUN_SCRIPT"
+elif [ "$MODE" = full ]; then
+    RUN_OPTS=()
+    [ "$MEM_CHECK" = 0 ] && RUN_OPTS+=(--no-mem-check)
     "${DRIVER[@]}" run "${COMMON[@]}" --pkg-python "$PKG_PY" --checks-dir "$HERE/e2e" \
-        --server-version "$FS_VERSION"
+        --server-version "$FS_VERSION" "${RUN_OPTS[@]}"
 else
     "${DRIVER[@]}" smoke "${COMMON[@]}" --server-version "$FS_VERSION"
 fi

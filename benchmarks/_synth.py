@@ -27,7 +27,7 @@ import os
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +69,10 @@ class SynthSpec:
     version: int = 2  # bump to invalidate cached plates after content changes
     # {"shift": "per_well"}: every FOV of an acquisition gets the same shift
     # (for registering well_ROI_table); otherwise each FOV adds its own jitter.
+    # {"wells": ["B03", "B05", ...]}: several wells (default: one well, B03),
+    # each its own sample with its own shifts.
+    # {"labels": "nuclei"}: a label image of that name in every image (the
+    # nuclei of channel 0, at the acquisition's own place).
     extra: dict = field(default_factory=dict)
 
     def key(self) -> str:
@@ -89,12 +93,23 @@ class SynthSpec:
             max(self.max_shift_px, self.max_shift_fraction * n) for n in self.fov_shape
         )
 
+    @property
+    def wells(self) -> list[tuple[str, str]]:
+        """(row, column) of every well, e.g. ``[("B", "03")]``."""
+        names = self.extra.get("wells") or [ROW + COLUMN]
+        return [(w[:1], w[1:]) for w in names]
+
     def describe(self) -> str:
-        return (
+        text = (
             f"{self.n_acquisitions} acquisitions x {self.fovs[0]}x{self.fovs[1]} "
             f"FOVs of {self.fov_shape[0]}x{self.fov_shape[1]} px, {self.n_z} z, "
             f"{self.n_channels} ch"
         )
+        if len(self.wells) > 1:
+            text = f"{len(self.wells)} wells x {text}"
+        if self.extra.get("labels"):
+            text += f", labels {self.extra['labels']!r}"
+        return text
 
     def level0_bytes_per_image(self) -> int:
         return int(np.prod(self.shape)) * 2
@@ -297,6 +312,48 @@ class SynthSample:
                 block[c, z] = sig
         return block
 
+    def render_labels(self, a, fov_index, name):
+        """uint32 (Z, Y, X) nuclei labels of acquisition a for one FOV.
+
+        Object i of channel 0 gets label i + 1 where its template exceeds a
+        quarter of its maximum; it sits where the acquisition sees it
+        (integer part of the shift), so labels move with the intensities.
+        """
+        spec = self.spec
+        fy, fx = spec.fov_shape
+        oy, ox = fov_origin(spec, fov_index)
+        _, ty, tx = self.truth[(a, name)]
+        y0, x0 = oy + int(round(ty)), ox + int(round(tx))
+        tmpl = self.templates[0]
+        masks = [t > 0.25 * t.max() for t in tmpl]
+        half = np.array([t.shape[0] // 2 for t in tmpl])
+        hk = half[self.kind]
+        sel = (
+            (self.cy + hk >= y0)
+            & (self.cy - hk < y0 + fy)
+            & (self.cx + hk >= x0)
+            & (self.cx - hk < x0 + fx)
+        )
+        out = np.zeros((spec.n_z, fy, fx), np.uint32)
+        for i in np.nonzero(sel)[0]:
+            m = masks[self.kind[i]]
+            s = m.shape[0]
+            ty0 = self.cy[i] - s // 2 - y0
+            tx0 = self.cx[i] - s // 2 - x0
+            oy0, ox0 = max(ty0, 0), max(tx0, 0)
+            oy1, ox1 = min(ty0 + s, fy), min(tx0 + s, fx)
+            if oy1 <= oy0 or ox1 <= ox0:
+                continue
+            sub = m[oy0 - ty0 : oy1 - ty0, ox0 - tx0 : ox1 - tx0]
+            if spec.n_z > 1:
+                dz = (np.arange(spec.n_z) - self.zc[i]) / self.rz[i]
+                planes = np.nonzero(np.abs(dz) < 1.0)[0]
+            else:
+                planes = [0]
+            for z in planes:
+                out[z, oy0:oy1, ox0:ox1][sub] = i + 1
+        return out
+
 
 # --------------------------------------------------------------------------
 # Plate writing (ngio 1.1)
@@ -304,8 +361,20 @@ class SynthSample:
 
 
 def zarr_urls(plate_dir: Path, spec: SynthSpec) -> list[str]:
-    well = Path(plate_dir) / "plate.zarr" / ROW / COLUMN
-    return [str(well / str(a)) for a in range(spec.n_acquisitions)]
+    """Image URLs, well by well, acquisition 0 first within each well."""
+    out = []
+    for row, column in spec.wells:
+        well = Path(plate_dir) / "plate.zarr" / row / column
+        out += [str(well / str(a)) for a in range(spec.n_acquisitions)]
+    return out
+
+
+def _well_spec(spec: SynthSpec, index: int) -> SynthSpec:
+    """The spec of the index-th well: the first keeps the seed (and so the
+    content of single-well plates); the others get seeds of their own."""
+    if index == 0:
+        return spec
+    return replace(spec, seed=spec.seed + 7919 * index)
 
 
 def _write_tables(container, spec: SynthSpec):
@@ -342,27 +411,25 @@ def _write_tables(container, spec: SynthSpec):
 
 def build_plate(plate_dir, spec: SynthSpec, log=print) -> dict:
     """Write the plate into plate_dir/plate.zarr; return the truth manifest."""
-    from ngio import (
-        Channel,
-        ImageInWellPath,
-        create_empty_ome_zarr,
-        create_empty_plate,
-    )
+    from ngio import Channel, ImageInWellPath, create_empty_plate
 
     plate_dir = Path(plate_dir)
     if plate_dir.exists():
         shutil.rmtree(plate_dir)
     plate_dir.mkdir(parents=True)
     t0 = time.perf_counter()
-    sample = SynthSample(spec)
     plate_url = str(plate_dir / "plate.zarr")
+    label_name = spec.extra.get("labels")
+    truth = {}
+    n_nuclei = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         create_empty_plate(
             store=plate_url,
             name="synthetic",
             images=[
-                ImageInWellPath(row=ROW, column=COLUMN, path=str(a), acquisition_id=a)
+                ImageInWellPath(row=row, column=col, path=str(a), acquisition_id=a)
+                for row, col in spec.wells
                 for a in range(spec.n_acquisitions)
             ],
             overwrite=True,
@@ -371,48 +438,31 @@ def build_plate(plate_dir, spec: SynthSpec, log=print) -> dict:
             Channel.default_init(label=f"ch{c}", wavelength_id=w)
             for c, w in enumerate(wavelength_ids(spec.n_channels))
         ]
-        urls = zarr_urls(plate_dir, spec)
+        all_urls = zarr_urls(plate_dir, spec)
         t_render = t_write = t_pyr = 0.0
-        for a, url in enumerate(urls):
-            oz = create_empty_ome_zarr(
-                url,
-                shape=spec.shape,
-                pixelsize=spec.pixel_size,
-                z_spacing=spec.z_spacing,
-                axes_names="czyx",
-                levels=spec.levels,
-                channels_meta=chans,
-                dtype="uint16",
-                chunks=spec.chunk_tuple(),
-                ngff_version="0.4",
-                overwrite=True,
+        n_acq = spec.n_acquisitions
+        for w in range(len(spec.wells)):
+            sample = SynthSample(_well_spec(spec, w))
+            n_nuclei += sample.n
+            urls = all_urls[w * n_acq : (w + 1) * n_acq]
+            t_render, t_write, t_pyr = _write_well(
+                spec, sample, urls, chans, label_name, (t_render, t_write, t_pyr)
             )
-            img = oz.get_image()
-            arr = img.zarr_array
-            for i, name in enumerate(fov_names(spec)):
-                ta = time.perf_counter()
-                block = sample.render_fov(a, i, name)
-                tb = time.perf_counter()
-                oy, ox = fov_origin(spec, i)
-                fy, fx = spec.fov_shape
-                arr[:, :, oy : oy + fy, ox : ox + fx] = block
-                t_render += tb - ta
-                t_write += time.perf_counter() - tb
-            tc = time.perf_counter()
-            img.consolidate(order="linear", mode="auto")
-            t_pyr += time.perf_counter() - tc
-            _write_tables(oz, spec)
-    truth = {
-        url: {name: list(sample.truth[(a, name)]) for name in fov_names(spec)}
-        for a, url in enumerate(urls)
-    }
+            truth.update(
+                {
+                    url: {
+                        name: list(sample.truth[(a, name)]) for name in fov_names(spec)
+                    }
+                    for a, url in enumerate(urls)
+                }
+            )
     manifest = {
         "spec": asdict(spec),
         "key": spec.key(),
-        "zarr_urls": urls,
+        "zarr_urls": all_urls,
         "wavelength_ids": wavelength_ids(spec.n_channels),
         "truth_px": truth,
-        "n_nuclei": sample.n,
+        "n_nuclei": n_nuclei,
         "build_seconds": {
             "render": round(t_render, 2),
             "write_level0": round(t_write, 2),
@@ -427,6 +477,58 @@ def build_plate(plate_dir, spec: SynthSpec, log=print) -> dict:
         f"pyramid {t_pyr:.1f}s)"
     )
     return manifest
+
+
+def _write_well(spec, sample, urls, chans, label_name, times):
+    """Write the images (and labels) of one well; return the updated timers."""
+    from ngio import create_empty_ome_zarr
+
+    t_render, t_write, t_pyr = times
+    for a, url in enumerate(urls):
+        oz = create_empty_ome_zarr(
+            url,
+            shape=spec.shape,
+            pixelsize=spec.pixel_size,
+            z_spacing=spec.z_spacing,
+            axes_names="czyx",
+            levels=spec.levels,
+            channels_meta=chans,
+            dtype="uint16",
+            chunks=spec.chunk_tuple(),
+            ngff_version="0.4",
+            overwrite=True,
+        )
+        img = oz.get_image()
+        arr = img.zarr_array
+        for i, name in enumerate(fov_names(spec)):
+            ta = time.perf_counter()
+            block = sample.render_fov(a, i, name)
+            tb = time.perf_counter()
+            oy, ox = fov_origin(spec, i)
+            fy, fx = spec.fov_shape
+            arr[:, :, oy : oy + fy, ox : ox + fx] = block
+            t_render += tb - ta
+            t_write += time.perf_counter() - tb
+        tc = time.perf_counter()
+        img.consolidate(order="linear", mode="auto")
+        t_pyr += time.perf_counter() - tc
+        if label_name:
+            lab = oz.derive_label(label_name, overwrite=True)
+            larr = lab.zarr_array
+            for i, name in enumerate(fov_names(spec)):
+                ta = time.perf_counter()
+                block = sample.render_labels(a, i, name)
+                tb = time.perf_counter()
+                oy, ox = fov_origin(spec, i)
+                fy, fx = spec.fov_shape
+                larr[:, oy : oy + fy, ox : ox + fx] = block
+                t_render += tb - ta
+                t_write += time.perf_counter() - tb
+            tc = time.perf_counter()
+            lab.consolidate(mode="auto")
+            t_pyr += time.perf_counter() - tc
+        _write_tables(oz, spec)
+    return t_render, t_write, t_pyr
 
 
 def relocate_manifest(manifest: dict, old_dir, new_dir) -> dict:

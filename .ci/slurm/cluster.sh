@@ -18,7 +18,7 @@ MUNGE_SOCKET=""
 
 slurm_install() {
     local missing=() p
-    for p in munge slurmctld slurmd slurm-client sudo; do
+    for p in munge slurmctld slurmd slurm-client sudo time; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
     done
     if [ "${#missing[@]}" -eq 0 ]; then
