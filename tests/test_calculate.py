@@ -64,11 +64,16 @@ def test_3d_shift_with_z_is_recovered(make_plate):
         )
 
 
-def test_empty_fov_falls_back_to_the_median_of_the_good_ones(make_plate):
+def test_empty_fov_falls_back_to_the_median_of_the_good_ones(make_plate, caplog):
     plate = make_plate(**FOV)
     url = urls_of(plate)[1]
     _edit_fov(url, 1, lambda block: np.full_like(block, 500))
-    calculate(plate)
+    with caplog.at_level("INFO"):
+        calculate(plate)
+    # the whole run says "warning" once: the one line that names the ROI
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "ROI FOV_2 of" in warnings[0].getMessage()
+    assert caplog.text.lower().count("warning") == 1
     rois = _rois(url)
     assert rois["FOV_2"]["registration_status"] == "fallback"
     note = rois["FOV_2"]["registration_note"]
