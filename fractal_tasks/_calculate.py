@@ -267,7 +267,9 @@ def estimate_rois(
             reference and of the acquisition.
         level_path: Pyramid level to read. A ROI smaller than ``MIN_ROI_PX``
             in y or x there is read at the coarsest finer level where it is
-            not (or at the finest level), and the log says so.
+            not (or at the finest level); a ROI whose estimate fails its own
+            evidence is tried once more one level finer (see
+            :func:`estimate_with_retry`). The log says so.
         method: See :class:`RegistrationMethod`.
         quantiles: Lower and upper rescale quantiles.
         workers: Threads estimating ROIs at once.
