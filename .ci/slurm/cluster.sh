@@ -9,7 +9,7 @@
 #   slurm_down                    cancel every job, stop what slurm_up started
 # Everything lives in DIR (config, state, spool, logs); /etc is not touched
 # except for the munge key that the munge package creates on install.
-# Needs: log, die (from the calling script), root.
+# Needs: log, die, free_port (from the calling script), root.
 
 SLURM_DIR=""
 SLURM_PIDS=()
@@ -40,16 +40,6 @@ slurm_install() {
         tail -n 30 "${WORK:-/tmp}/apt-slurm.log" >&2
         die "apt-get install ${missing[*]} failed"
     fi
-}
-
-_slurm_free_port() {
-    "$1" - <<'EOF'
-import socket
-s = socket.socket()
-s.bind(("127.0.0.1", 0))
-print(s.getsockname()[1])
-s.close()
-EOF
 }
 
 _munge_works() {
@@ -106,8 +96,8 @@ slurm_up() {
     mem=$((mem_total * 9 / 10))
     SLURM_NODE_CPUS="$cpus"
     SLURM_NODE_MEM_MB="$mem"
-    ctld_port="$(_slurm_free_port "$py")"
-    slurmd_port="$(_slurm_free_port "$py")"
+    ctld_port="$(free_port "$py")"
+    slurmd_port="$(free_port "$py")"
 
     # TaskProlog: every step records its view of the CPUs it was given
     cat >"$dir/task_prolog.sh" <<EOF
