@@ -22,7 +22,7 @@ from ngio import OmeZarrContainer, open_ome_zarr_container
 from ngio.tables import ConditionTable, FeatureTable
 from ngio.utils import NgioValueError
 
-from fractal_tasks import __version__
+import fractal_tasks
 from fractal_tasks._errors import MISSING_OR_MALFORMED, RegistrationInputError
 from fractal_tasks._geometry import SPATIAL_AXES, window_pair
 from fractal_tasks._hcs import (
@@ -325,7 +325,7 @@ def write_registered(plan: ApplyPlan, workers: int) -> None:
         "source": plan.image_path,
         "reference": plan.reference_url.rsplit("/", 1)[-1],
         "registered_roi_table": plan.registered_roi_table,
-        "version": __version__,
+        "version": fractal_tasks.__version__,
     }
 
 
