@@ -154,6 +154,16 @@ def with_columns(roi: Roi, columns: Mapping[str, object]) -> Roi:
     return roi.model_copy(update=dict(columns))
 
 
+def without_columns(roi: Roi, prefix: str) -> Roi:
+    """The ROI without the extra columns whose names start with ``prefix``."""
+    if not any(name.startswith(prefix) for name in roi.model_extra or {}):
+        return roi
+    data = roi.model_dump()
+    return Roi.model_validate(
+        {k: v for k, v in data.items() if not k.startswith(prefix)}
+    )
+
+
 def save_table(
     container: OmeZarrContainer,
     zarr_url: str,

@@ -23,6 +23,7 @@ from fractal_tasks._roi_tables import (
     spatial_geometry,
     table_backend,
     with_columns,
+    without_columns,
 )
 from fractal_tasks._shift import RegistrationMethod
 
@@ -180,8 +181,14 @@ def calculate_registration(
             result.roi_estimate.estimate.offset_check,
             result.status.value,
         )
+    # the verdicts live in their own table; versions before 0.2 wrote them as
+    # registration_* columns of the ROI table, which ngio warns about on read
     updated = [
-        with_columns(acquisition_rois[r.name], r.translation_columns()) for r in results
+        with_columns(
+            without_columns(acquisition_rois[r.name], "registration_"),
+            r.translation_columns(),
+        )
+        for r in results
     ]
     save_rois(acquisition, zarr_url, input_roi_table, updated, backend)
     save_table(

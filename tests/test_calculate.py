@@ -211,3 +211,21 @@ def test_reference_channel_of_its_own(make_plate):
             assert by_label[name][key] == pytest.approx(same[name][key], abs=1e-9)
     with pytest.raises(RegistrationInputError, match="'NOPE'.*reference_wavelength_id"):
         calculate(plate, reference_wavelength_id="NOPE")
+
+
+def test_old_quality_columns_leave_the_roi_table(make_plate):
+    """A table written by an earlier version (registration_* columns in the ROI
+    table, which ngio warns about on every read) keeps only the translations."""
+    plate = make_plate(**FOV)
+    url = urls_of(plate)[1]
+    container = open_ome_zarr_container(url)
+    rois = container.get_roi_table("FOV_ROI_table").rois()
+    old = [r.model_copy(update={"registration_status": "ok"}) for r in rois]
+    container.add_table("FOV_ROI_table", RoiTable(rois=old), overwrite=True)
+    calculate(plate)
+    for roi in open_ome_zarr_container(url).get_roi_table("FOV_ROI_table").rois():
+        assert sorted(roi.model_extra) == [
+            "translation_x",
+            "translation_y",
+            "translation_z",
+        ]
