@@ -250,14 +250,7 @@ class SynthSample:
         """Noise-free signal of channel c, plane z, acq a on a window."""
         out = np.zeros((h, w), np.float32)
         tmpl = self.templates[c]
-        half = np.array([t.shape[0] // 2 for t in tmpl])
-        hk = half[self.kind]
-        sel = (
-            (self.cy + hk >= y0)
-            & (self.cy - hk < y0 + h)
-            & (self.cx + hk >= x0)
-            & (self.cx - hk < x0 + w)
-        )
+        sel = self._overlapping(tmpl, y0, x0, h, w)
         if self.spec.n_z > 1:
             dz = (z - self.zc) / self.rz
             wz = np.sqrt(np.clip(1.0 - dz * dz, 0.0, None))
@@ -268,17 +261,32 @@ class SynthSample:
         amps = self.amp[c, idx] * self.stain[a, c, idx] * wz[idx]
         for i, amp in zip(idx, amps, strict=True):
             t = tmpl[self.kind[i]]
-            s = t.shape[0]
-            ty0 = self.cy[i] - s // 2 - y0
-            tx0 = self.cx[i] - s // 2 - x0
-            oy0, ox0 = max(ty0, 0), max(tx0, 0)
-            oy1, ox1 = min(ty0 + s, h), min(tx0 + s, w)
-            if oy1 <= oy0 or ox1 <= ox0:
-                continue
-            out[oy0:oy1, ox0:ox1] += (
-                t[oy0 - ty0 : oy1 - ty0, ox0 - tx0 : ox1 - tx0] * amp
-            )
+            where = self._stamp(i, t.shape[0], y0, x0, h, w)
+            if where is not None:
+                out[where[0]] += t[where[1]] * amp
         return out
+
+    def _overlapping(self, templates, y0, x0, h, w):
+        """Which objects (their templates) reach into the window."""
+        half = np.array([t.shape[0] // 2 for t in templates])[self.kind]
+        return (
+            (self.cy + half >= y0)
+            & (self.cy - half < y0 + h)
+            & (self.cx + half >= x0)
+            & (self.cx - half < x0 + w)
+        )
+
+    def _stamp(self, i, size, y0, x0, h, w):
+        """(window slices, template slices) where object i's template of
+        ``size`` overlaps the window at (y0, x0) of h x w; None if it does not."""
+        ty0 = self.cy[i] - size // 2 - y0
+        tx0 = self.cx[i] - size // 2 - x0
+        oy0, ox0 = max(ty0, 0), max(tx0, 0)
+        oy1, ox1 = min(ty0 + size, h), min(tx0 + size, w)
+        if oy1 <= oy0 or ox1 <= ox0:
+            return None
+        inside = (slice(oy0, oy1), slice(ox0, ox1))
+        return inside, (slice(oy0 - ty0, oy1 - ty0), slice(ox0 - tx0, ox1 - tx0))
 
     def render_fov(self, a, fov_index, name):
         """uint16 (C, Z, Y, X) block of acquisition a for one FOV."""
@@ -326,32 +334,21 @@ class SynthSample:
         y0, x0 = oy + int(round(ty)), ox + int(round(tx))
         tmpl = self.templates[0]
         masks = [t > 0.25 * t.max() for t in tmpl]
-        half = np.array([t.shape[0] // 2 for t in tmpl])
-        hk = half[self.kind]
-        sel = (
-            (self.cy + hk >= y0)
-            & (self.cy - hk < y0 + fy)
-            & (self.cx + hk >= x0)
-            & (self.cx - hk < x0 + fx)
-        )
+        sel = self._overlapping(tmpl, y0, x0, fy, fx)
         out = np.zeros((spec.n_z, fy, fx), np.uint32)
         for i in np.nonzero(sel)[0]:
             m = masks[self.kind[i]]
-            s = m.shape[0]
-            ty0 = self.cy[i] - s // 2 - y0
-            tx0 = self.cx[i] - s // 2 - x0
-            oy0, ox0 = max(ty0, 0), max(tx0, 0)
-            oy1, ox1 = min(ty0 + s, fy), min(tx0 + s, fx)
-            if oy1 <= oy0 or ox1 <= ox0:
+            where = self._stamp(i, m.shape[0], y0, x0, fy, fx)
+            if where is None:
                 continue
-            sub = m[oy0 - ty0 : oy1 - ty0, ox0 - tx0 : ox1 - tx0]
+            inside, sub = where[0], m[where[1]]
             if spec.n_z > 1:
                 dz = (np.arange(spec.n_z) - self.zc[i]) / self.rz[i]
                 planes = np.nonzero(np.abs(dz) < 1.0)[0]
             else:
                 planes = [0]
             for z in planes:
-                out[z, oy0:oy1, ox0:ox1][sub] = i + 1
+                out[z][inside][sub] = i + 1
         return out
 
 
