@@ -480,7 +480,6 @@ def _write_well(spec, sample, urls, chans, label_name, times):
     """Write the images (and labels) of one well; return the updated timers."""
     from ngio import create_empty_ome_zarr
 
-    t_render, t_write, t_pyr = times
     for a, url in enumerate(urls):
         oz = create_empty_ome_zarr(
             url,
@@ -495,37 +494,34 @@ def _write_well(spec, sample, urls, chans, label_name, times):
             ngff_version="0.4",
             overwrite=True,
         )
-        img = oz.get_image()
-        arr = img.zarr_array
-        for i, name in enumerate(fov_names(spec)):
-            ta = time.perf_counter()
-            block = sample.render_fov(a, i, name)
-            tb = time.perf_counter()
-            oy, ox = fov_origin(spec, i)
-            fy, fx = spec.fov_shape
-            arr[:, :, oy : oy + fy, ox : ox + fx] = block
-            t_render += tb - ta
-            t_write += time.perf_counter() - tb
-        tc = time.perf_counter()
-        img.consolidate(order="linear", mode="auto")
-        t_pyr += time.perf_counter() - tc
+        spent = _fill(spec, oz.get_image(), sample.render_fov, a, order="linear")
         if label_name:
             lab = oz.derive_label(label_name, overwrite=True)
-            larr = lab.zarr_array
-            for i, name in enumerate(fov_names(spec)):
-                ta = time.perf_counter()
-                block = sample.render_labels(a, i, name)
-                tb = time.perf_counter()
-                oy, ox = fov_origin(spec, i)
-                fy, fx = spec.fov_shape
-                larr[:, oy : oy + fy, ox : ox + fx] = block
-                t_render += tb - ta
-                t_write += time.perf_counter() - tb
-            tc = time.perf_counter()
-            lab.consolidate(mode="auto")
-            t_pyr += time.perf_counter() - tc
+            labels = _fill(spec, lab, sample.render_labels, a)
+            spent = [x + y for x, y in zip(spent, labels, strict=True)]
+        times = tuple(t + x for t, x in zip(times, spent, strict=True))
         _write_tables(oz, spec)
-    return t_render, t_write, t_pyr
+    return times
+
+
+def _fill(spec, image, render, a, **consolidate) -> list[float]:
+    """Render and write every FOV of acquisition ``a`` into ``image`` (an ngio
+    image or label), then build its pyramid; seconds (render, write, pyramid)."""
+    array = image.zarr_array
+    fy, fx = spec.fov_shape
+    spent = [0.0, 0.0, 0.0]
+    for i, name in enumerate(fov_names(spec)):
+        ta = time.perf_counter()
+        block = render(a, i, name)
+        tb = time.perf_counter()
+        oy, ox = fov_origin(spec, i)
+        array[..., oy : oy + fy, ox : ox + fx] = block
+        spent[0] += tb - ta
+        spent[1] += time.perf_counter() - tb
+    tc = time.perf_counter()
+    image.consolidate(mode="auto", **consolidate)
+    spent[2] += time.perf_counter() - tc
+    return spent
 
 
 def relocate_manifest(manifest: dict, old_dir, new_dir) -> dict:
