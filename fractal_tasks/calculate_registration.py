@@ -181,8 +181,8 @@ def calculate_registration(
             result.roi_estimate.estimate.offset_check,
             result.status.value,
         )
-    # the verdicts live in their own table; versions before 0.2 wrote them as
-    # registration_* columns of the ROI table, which ngio warns about on read
+    # the verdicts live in their own table; earlier versions of this package wrote
+    # them as registration_* columns of the ROI table, which ngio warns about
     updated = [
         with_columns(
             without_columns(acquisition_rois[r.name], "registration_"),
