@@ -520,7 +520,7 @@ def _oracle_error(reference_l0: np.ndarray, moving_l0: np.ndarray, truth) -> flo
     from skimage.filters import window  # noqa: PLC0415
     from skimage.registration import phase_cross_correlation  # noqa: PLC0415
 
-    from fractal_tasks._shift import estimate_shift  # noqa: PLC0415
+    from fractal_tasks.registration.shift import estimate_shift  # noqa: PLC0415
 
     r = reference_l0.astype(np.float32)
     m = moving_l0.astype(np.float32)

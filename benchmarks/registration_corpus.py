@@ -3,8 +3,8 @@
 For every case (one FOV of one acquisition against the reference), at pyramid
 level 2 (4x4 mean in y/x), three estimates of the translation:
 
-* ours: ``fractal_tasks._shift.estimate_shift`` per FOV, then
-  ``fractal_tasks._calculate.judge`` once per acquisition (its 4 FOVs), with
+* ours: ``fractal_tasks.registration.shift.estimate_shift`` per FOV, then
+  ``fractal_tasks.registration.calculate.judge`` once per acquisition (its 4 FOVs), with
   level-0 px = 1 µm (so translations are level-0 px) and
   ``keep_zero_if_all_failed=True``. All calls to our code are in
   :func:`ours_group`.
@@ -86,7 +86,7 @@ def level_pair(c: corpus.Case, path: str) -> tuple[np.ndarray, np.ndarray]:
 
 def task_level(c: corpus.Case) -> str:
     """The level the calculate task reads a ROI at: 2, or finer for a small ROI."""
-    from fractal_tasks._calculate import MIN_ROI_PX  # noqa: PLC0415
+    from fractal_tasks.registration.calculate import MIN_ROI_PX  # noqa: PLC0415
 
     for path in LEVELS:
         if min(level_pair(c, path)[0].shape[-2:]) >= MIN_ROI_PX:
@@ -106,7 +106,7 @@ def ours_group(cases: list[corpus.Case], repeats: int) -> list[dict]:
     Returns per case: ``raw`` (level-0 px, the estimate), ``final`` (level-0
     px, the translation after judging), ``status``, ``note``, ``seconds``.
     """
-    from fractal_tasks._calculate import estimate_with_retry, judge  # noqa: PLC0415
+    from fractal_tasks.registration.calculate import estimate_with_retry, judge  # noqa: PLC0415
 
     levels = {}
 
@@ -144,7 +144,7 @@ def ours_group(cases: list[corpus.Case], repeats: int) -> list[dict]:
         sizes = {k: roi_size_um[k] for k in estimates}
         if "level0_pixel_um" in inspect.signature(judge).parameters:
             # newer API: estimates wrapped with their level, level-0 pixel size
-            from fractal_tasks._calculate import RoiEstimate  # noqa: PLC0415
+            from fractal_tasks.registration.calculate import RoiEstimate  # noqa: PLC0415
 
             wrapped = {
                 k: RoiEstimate(
@@ -269,7 +269,7 @@ def cost_rows(images: list[corpus.CorpusImage], repeats: int) -> list[list]:
             cam.image(img.array[tuple(slice(a, a + s) for a, s in zip(o, shape))], rng)
             for o in (start, moved)
         )
-        from fractal_tasks._shift import estimate_shift  # noqa: PLC0415
+        from fractal_tasks.registration.shift import estimate_shift  # noqa: PLC0415
 
         times = {}
         for label, fn in (

@@ -15,10 +15,10 @@ import numpy as np
 from ngio import open_ome_zarr_container
 
 from fractal_tasks.calculate_registration import calculate_registration
-from fractal_tasks.demo import build_demo_plate
 from fractal_tasks.init_calculate_registration import init_calculate_registration
-from fractal_tasks.qc import render_well_qc
-from fractal_tasks.synthetic import REGISTRATION_WAVELENGTH
+from fractal_tasks.tools.demo import build_demo_plate
+from fractal_tasks.tools.qc import render_well_qc
+from fractal_tasks.tools.synthetic import REGISTRATION_WAVELENGTH
 
 
 def empty_fov(zarr_url: str, fov: str, seed: int = 0) -> None:

@@ -5,8 +5,8 @@ from typing import Any
 
 from pydantic import validate_call
 
-from fractal_tasks._apply import commit, plan_apply, write_registered
-from fractal_tasks._parallel import available_cpus
+from fractal_tasks.hcs.cpus import available_cpus
+from fractal_tasks.writer.apply import commit, plan_apply, write_registered
 
 logger = logging.getLogger("apply_registration_to_image")
 
@@ -82,7 +82,7 @@ def apply_registration_to_image(
 if __name__ == "__main__":
     from fractal_task_tools.task_wrapper import run_fractal_task
 
-    from fractal_tasks._memory import return_freed_memory
+    from fractal_tasks.writer.memory import return_freed_memory
 
     # Process-wide allocator tuning: only here, where the process is the task's
     # own (Fractal starts one per image), never when the function is called.

@@ -6,17 +6,10 @@ from typing import Annotated
 from ngio import open_ome_zarr_container
 from pydantic import Field, validate_call
 
-from fractal_tasks._calculate import (
-    estimate_rois,
-    judge,
-    quality_table,
-    quality_table_name,
-    roi_sizes,
-)
-from fractal_tasks._errors import RegistrationInputError
-from fractal_tasks._models import InitArgsRegistration
-from fractal_tasks._parallel import available_cpus
-from fractal_tasks._roi_tables import (
+from fractal_tasks.hcs.cpus import available_cpus
+from fractal_tasks.hcs.errors import RegistrationInputError
+from fractal_tasks.hcs.models import InitArgsRegistration
+from fractal_tasks.hcs.roi_tables import (
     load_paired_rois,
     save_rois,
     save_table,
@@ -25,7 +18,14 @@ from fractal_tasks._roi_tables import (
     with_columns,
     without_columns,
 )
-from fractal_tasks._shift import RegistrationMethod
+from fractal_tasks.registration.calculate import (
+    estimate_rois,
+    judge,
+    quality_table,
+    quality_table_name,
+    roi_sizes,
+)
+from fractal_tasks.registration.shift import RegistrationMethod
 
 logger = logging.getLogger("calculate_registration")
 

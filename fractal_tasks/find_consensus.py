@@ -5,10 +5,9 @@ import logging
 from ngio import open_ome_zarr_container
 from pydantic import validate_call
 
-from fractal_tasks._consensus import registered_rois
-from fractal_tasks._errors import RegistrationInputError
-from fractal_tasks._models import InitArgsRegistrationConsensus
-from fractal_tasks._roi_tables import (
+from fractal_tasks.hcs.errors import RegistrationInputError
+from fractal_tasks.hcs.models import InitArgsRegistrationConsensus
+from fractal_tasks.hcs.roi_tables import (
     by_name,
     load_rois,
     require_same_names,
@@ -16,6 +15,7 @@ from fractal_tasks._roi_tables import (
     spatial_geometry,
     table_backend,
 )
+from fractal_tasks.registration.consensus import registered_rois
 
 logger = logging.getLogger("find_consensus")
 

@@ -5,7 +5,7 @@ from typing import Any
 
 from pydantic import validate_call
 
-from fractal_tasks._plan import plan_wells
+from fractal_tasks.hcs.plan import plan_wells
 
 logger = logging.getLogger("init_find_consensus")
 

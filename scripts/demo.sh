@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/python -m fractal_tasks.demo --out demo-output "$@"
+.venv/bin/python -m fractal_tasks.tools.demo --out demo-output "$@"

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from fractal_tasks.synthetic import build_synthetic_plate
+from fractal_tasks.tools.synthetic import build_synthetic_plate
 
 _TEMPLATES: dict = {}
 

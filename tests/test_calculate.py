@@ -6,8 +6,8 @@ from _workflow import calculate, urls_of
 from ngio import open_ome_zarr_container
 from ngio.tables import RoiTable
 
-from fractal_tasks._calculate import load_quality
-from fractal_tasks._errors import RegistrationInputError
+from fractal_tasks.hcs.errors import RegistrationInputError
+from fractal_tasks.registration.calculate import load_quality
 
 FOV = dict(fov_shape=(128, 160), n_acquisitions=2)
 

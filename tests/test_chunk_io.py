@@ -6,8 +6,8 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, GzipCodec, ZstdCodec
 
-from fractal_tasks._buffers import BufferPool
-from fractal_tasks._chunk_io import ChunkAccess, ChunkFiles, chunk_access
+from fractal_tasks.writer.buffers import BufferPool
+from fractal_tasks.writer.chunk_io import ChunkAccess, ChunkFiles, chunk_access
 
 SHAPE, CHUNKS = (3, 21, 34), (2, 8, 10)
 

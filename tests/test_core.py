@@ -6,9 +6,14 @@ import numpy as np
 import pytest
 import zarr
 
-from fractal_tasks._geometry import Box, consensus_windows, roi_box, window_pair
-from fractal_tasks._replace import exchange, recover, replace_directory
-from fractal_tasks._writer import WindowPair, downsample, write_windows
+from fractal_tasks.registration.geometry import (
+    Box,
+    consensus_windows,
+    roi_box,
+    window_pair,
+)
+from fractal_tasks.writer.pyramid import WindowPair, downsample, write_windows
+from fractal_tasks.writer.swap import exchange, recover, replace_directory
 
 
 def test_consensus_windows_have_one_shape_and_one_place():

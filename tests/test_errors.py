@@ -7,12 +7,12 @@ import pytest
 from _workflow import calculate, consensus, urls_of
 from ngio import open_ome_zarr_container
 
-from fractal_tasks._calculate import load_quality
-from fractal_tasks._errors import RegistrationInputError
 from fractal_tasks.apply_registration_to_image import apply_registration_to_image
 from fractal_tasks.calculate_registration import calculate_registration
 from fractal_tasks.find_consensus import find_consensus
+from fractal_tasks.hcs.errors import RegistrationInputError
 from fractal_tasks.init_calculate_registration import init_calculate_registration
+from fractal_tasks.registration.calculate import load_quality
 
 
 def tree_hash(root) -> str:

@@ -5,7 +5,7 @@ import json
 import numpy as np
 from ngio import open_ome_zarr_container, open_ome_zarr_well
 
-from fractal_tasks.demo import run_task, run_workflow
+from fractal_tasks.tools.demo import run_task, run_workflow
 
 
 def test_workflow_through_the_executables(make_plate, tmp_path):

@@ -35,7 +35,7 @@ PROBES = {
     "default": "print(kept_kib())",
     "fixed": textwrap.dedent(
         """
-        from fractal_tasks._memory import return_freed_memory
+        from fractal_tasks.writer.memory import return_freed_memory
 
         assert return_freed_memory()
         print(kept_kib())
@@ -47,7 +47,7 @@ PROBES = {
         import sys, tempfile
         sys.path.insert(0, sys.argv[1])
         from _workflow import register
-        from fractal_tasks.synthetic import build_synthetic_plate
+        from fractal_tasks.tools.synthetic import build_synthetic_plate
 
         plate = build_synthetic_plate(
             tempfile.mkdtemp() + "/p.zarr", wells=("B03",), n_acquisitions=2,

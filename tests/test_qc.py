@@ -6,8 +6,8 @@ from _workflow import calculate
 from PIL import Image, ImageDraw
 from skimage.io import imread
 
-from fractal_tasks._errors import RegistrationInputError
-from fractal_tasks.qc import (
+from fractal_tasks.hcs.errors import RegistrationInputError
+from fractal_tasks.tools.qc import (
     STATUS_COLOURS,
     draw_text,
     has_glyph,
@@ -17,7 +17,7 @@ from fractal_tasks.qc import (
     text_size,
     well_qc_panels,
 )
-from fractal_tasks.synthetic import build_synthetic_plate
+from fractal_tasks.tools.synthetic import build_synthetic_plate
 
 
 @pytest.fixture(scope="module")

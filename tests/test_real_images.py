@@ -14,7 +14,7 @@ import pytest
 from scipy import ndimage as ndi
 from skimage import color, data
 
-from fractal_tasks._shift import estimate_shift, judge_estimate
+from fractal_tasks.registration.shift import estimate_shift, judge_estimate
 
 FOV = 224
 

@@ -23,8 +23,8 @@ import pytest
 from _workflow import calculate, consensus, urls_of
 from ngio import open_ome_zarr_container, open_ome_zarr_well
 
-from fractal_tasks._hcs import add_image_to_well
 from fractal_tasks.apply_registration_to_image import apply_registration_to_image
+from fractal_tasks.hcs.wells import add_image_to_well
 
 TABLE = "FOV_ROI_table_registered"
 CTX = multiprocessing.get_context("forkserver")
@@ -36,7 +36,7 @@ CTX.set_forkserver_preload(
     [
         "test_safety",
         "pytest",
-        "fractal_tasks._hcs",
+        "fractal_tasks.hcs.wells",
         "fractal_tasks.apply_registration_to_image",
         "fractal_tasks.calculate_registration",
         "fractal_tasks.find_consensus",
@@ -71,7 +71,7 @@ def _arrays(url):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """A plate with consensus tables, and the expected output of every image."""
-    from fractal_tasks.synthetic import build_synthetic_plate
+    from fractal_tasks.tools.synthetic import build_synthetic_plate
 
     root = tmp_path_factory.mktemp("safety")
     plate = build_synthetic_plate(

@@ -1,4 +1,4 @@
-"""Tests of the pure shift-estimation core (fractal_tasks._shift)."""
+"""Tests of the pure shift-estimation core (fractal_tasks.registration.shift)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from fractal_tasks._shift import (
+from fractal_tasks.registration.shift import (
     RegistrationMethod,
     RegistrationStatus,
     ShiftEstimate,

@@ -17,9 +17,9 @@ from _workflow import (
 from ngio import open_ome_zarr_container, open_ome_zarr_well
 from ngio.tables import FeatureTable
 
-from fractal_tasks._calculate import load_quality
 from fractal_tasks.init_calculate_registration import init_calculate_registration
 from fractal_tasks.init_find_consensus import init_find_consensus
+from fractal_tasks.registration.calculate import load_quality
 
 
 def test_init_tasks_pair_images_with_their_reference(make_plate):

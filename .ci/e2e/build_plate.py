@@ -10,7 +10,7 @@ import warnings
 
 warnings.filterwarnings("ignore")
 
-from fractal_tasks.synthetic import build_synthetic_plate  # noqa: E402
+from fractal_tasks.tools.synthetic import build_synthetic_plate  # noqa: E402
 
 plate_path, out_json = sys.argv[1], sys.argv[2]
 plate = build_synthetic_plate(

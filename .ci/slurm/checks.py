@@ -13,7 +13,7 @@ Imported by ``.ci/fractal_server_e2e.py`` (``--backend slurm``). It reads:
   there is no slurmdbd, hence no ``sacct``).
 
 The tasks size their thread pools with ``len(os.sched_getaffinity(0))``
-(``fractal_tasks._parallel.available_cpus``), so "the affinity of each step
+(``fractal_tasks.hcs.cpus.available_cpus``), so "the affinity of each step
 equals the CPUs requested for it" is "each task used the CPUs SLURM gave it".
 """
 

@@ -110,6 +110,7 @@ class ChunkFiles(ChunkAccess):
         return self._root / self._key(index)
 
     def read(self, index: Index, out: np.ndarray | None = None) -> np.ndarray:
+        """As ``ChunkAccess.read``, decoded straight from the chunk's file."""
         chunk = np.empty(self.chunks, self.dtype) if out is None else out
         try:
             file = open(self._path(index), "rb")
@@ -126,6 +127,7 @@ class ChunkFiles(ChunkAccess):
         return self._crop(index, chunk)
 
     def write(self, index: Index, block: np.ndarray) -> None:
+        """As ``ChunkAccess.write``, encoded straight into the chunk's file."""
         if block.shape != self.chunks:  # edge chunk: stored whole, padded
             full = np.full(self.chunks, self._fill, self.dtype)
             full[tuple(slice(0, n) for n in block.shape)] = block

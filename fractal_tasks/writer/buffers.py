@@ -2,7 +2,7 @@
 
 Fresh memory costs a page fault per page (on a virtual machine, about a
 millisecond per MiB: as much as compressing it), and freed buffers of these
-sizes are handed straight back to the system (see ``_memory``). A
+sizes are handed straight back to the system (see ``memory``). A
 ``BufferPool`` keeps a few freed chunk-sized buffers for the next decode,
 unit or pyramid chunk, so that memory is reused without growing: it keeps no
 more than ``limit`` bytes idle.

@@ -23,7 +23,7 @@ def return_freed_memory() -> bool:
     value, as dask does for its workers with ``MALLOC_TRIM_THRESHOLD_``, keeps
     large buffers in their own mappings, released when freed; the cost is a
     page fault per page of each new buffer, which the writer mostly avoids by
-    reusing its chunk buffers (``_buffers.BufferPool``).
+    reusing its chunk buffers (``buffers.BufferPool``).
 
     This is process-wide and lasts for the process, so only the task's
     executable calls it (Fractal runs each task in a process of its own); the

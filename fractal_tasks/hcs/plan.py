@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from fractal_tasks._errors import RegistrationInputError
-from fractal_tasks._hcs import (
+from fractal_tasks.hcs.errors import RegistrationInputError
+from fractal_tasks.hcs.wells import (
     acquisition_of,
     group_by_well,
     open_well,

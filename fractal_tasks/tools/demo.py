@@ -1,6 +1,6 @@
 """Demo: register a synthetic multiplexed plate the way Fractal runs the tasks.
 
-``python -m fractal_tasks.demo [--out DIR]`` builds a plate with known shifts,
+``python -m fractal_tasks.tools.demo [--out DIR]`` builds a plate with known shifts,
 runs each task as Fractal does (the init part once, then one compute process per
 parallelization item, through the task executables and JSON argument files), and
 prints, per FOV, the true and the recovered shift and where the outputs are.
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 import fractal_tasks
-from fractal_tasks.synthetic import (
+from fractal_tasks.tools.synthetic import (
     REGISTRATION_WAVELENGTH,
     SyntheticPlate,
     build_synthetic_plate,
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     updates = run_workflow(urls, str(out), out / "task-logs", level_path="2")
     from ngio import open_ome_zarr_container
 
-    from fractal_tasks._calculate import load_quality
+    from fractal_tasks.registration.calculate import load_quality
 
     print(
         f"\n{'image':<22}{'FOV':<7}{'true (y, x) px':>18}{'recovered (y, x) px':>23}"

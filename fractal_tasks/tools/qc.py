@@ -1,6 +1,6 @@
 """Quality-control picture of the registration of one well.
 
-``python -m fractal_tasks.qc WELL_URL OUTPUT.png --wavelength-id A01_C01`` (or
+``python -m fractal_tasks.tools.qc WELL_URL OUTPUT.png --wavelength-id A01_C01`` (or
 :func:`render_well_qc`) draws, for every field of view (FOV, one row of the ROI
 table; rows of the picture) and every non-reference image of the well (columns),
 the registration channel of the reference in green over that of the
@@ -39,16 +39,8 @@ from ngio import OmeZarrContainer, open_ome_zarr_container
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from fractal_tasks._calculate import (
-    channel_index,
-    channel_reader,
-    level_image,
-    load_quality,
-)
-from fractal_tasks._errors import RegistrationInputError
-from fractal_tasks._geometry import SPATIAL_AXES, crop_to_common, roi_box
-from fractal_tasks._hcs import acquisition_of, open_well, reference_path
-from fractal_tasks._roi_tables import (
+from fractal_tasks.hcs.errors import RegistrationInputError
+from fractal_tasks.hcs.roi_tables import (
     by_name,
     load_rois,
     require_same_names,
@@ -56,6 +48,14 @@ from fractal_tasks._roi_tables import (
     spatial_geometry,
     translation_um,
 )
+from fractal_tasks.hcs.wells import acquisition_of, open_well, reference_path
+from fractal_tasks.registration.calculate import (
+    channel_index,
+    channel_reader,
+    level_image,
+    load_quality,
+)
+from fractal_tasks.registration.geometry import SPATIAL_AXES, crop_to_common, roi_box
 
 logger = logging.getLogger(__name__)
 
@@ -857,7 +857,7 @@ def render_well_qc(
 def main(argv: list[str] | None = None) -> int:
     """Command line: render the QC picture of one well."""
     parser = argparse.ArgumentParser(
-        prog="python -m fractal_tasks.qc",
+        prog="python -m fractal_tasks.tools.qc",
         description="Render a registration QC picture (PNG) of one well: "
         "reference (green) vs each acquisition (magenta), before and after the "
         "stored shift, per FOV.",

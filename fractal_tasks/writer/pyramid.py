@@ -15,7 +15,7 @@ chunks per level are ever incomplete, whatever the size of the well. Levels
 whose chunks do not line up with the level above are computed afterwards from
 the level above, read back tile by tile.
 
-Chunks are read and written whole through ``_chunk_io`` (the chunk files
+Chunks are read and written whole through ``chunk_io`` (the chunk files
 themselves where the layout allows), and chunk-sized buffers are passed from
 one use to the next through a small ``BufferPool`` rather than allocated anew.
 """
@@ -36,14 +36,14 @@ from typing import Literal
 import numpy as np
 import zarr
 
-from fractal_tasks._buffers import BufferPool
-from fractal_tasks._chunk_io import (
+from fractal_tasks.registration.geometry import Box
+from fractal_tasks.writer.buffers import BufferPool
+from fractal_tasks.writer.chunk_io import (
     ChunkAccess,
     chunk_access,
     grid_region,
     storage_chunks,
 )
-from fractal_tasks._geometry import Box
 
 logger = logging.getLogger(__name__)
 

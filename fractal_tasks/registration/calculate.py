@@ -24,10 +24,10 @@ from ngio import OmeZarrContainer, Roi
 from ngio.tables import ConditionTable
 from ngio.utils import NgioValueError
 
-from fractal_tasks._errors import RegistrationInputError
-from fractal_tasks._geometry import Box, crop_to_common, roi_box
-from fractal_tasks._roi_tables import by_name, slices_um, spatial_geometry
-from fractal_tasks._shift import (
+from fractal_tasks.hcs.errors import RegistrationInputError
+from fractal_tasks.hcs.roi_tables import by_name, slices_um, spatial_geometry
+from fractal_tasks.registration.geometry import Box, crop_to_common, roi_box
+from fractal_tasks.registration.shift import (
     RegistrationMethod,
     RegistrationStatus,
     ShiftEstimate,

@@ -2,7 +2,7 @@
 
 Everything is checked before anything is written. The new image is built in a
 scratch directory next to the input (``<image>.registering``); only when it is
-complete does it replace its destination, atomically (``_replace``). A run that
+complete does it replace its destination, atomically (``writer.swap``). A run that
 is killed leaves the user's image untouched and a scratch directory that the
 next run deletes.
 """
@@ -23,22 +23,22 @@ from ngio.tables import ConditionTable, FeatureTable
 from ngio.utils import NgioValueError
 
 import fractal_tasks
-from fractal_tasks._errors import MISSING_OR_MALFORMED, RegistrationInputError
-from fractal_tasks._geometry import SPATIAL_AXES, window_pair
-from fractal_tasks._hcs import (
+from fractal_tasks.hcs.errors import MISSING_OR_MALFORMED, RegistrationInputError
+from fractal_tasks.hcs.roi_tables import (
+    load_paired_rois,
+    slices_um,
+    spatial_geometry,
+)
+from fractal_tasks.hcs.wells import (
     acquisition_of,
     add_image_to_well,
     open_well,
     reference_path,
     split_image_url,
 )
-from fractal_tasks._replace import recover, replace_directory
-from fractal_tasks._roi_tables import (
-    load_paired_rois,
-    slices_um,
-    spatial_geometry,
-)
-from fractal_tasks._writer import Aggregation, WindowPair, write_windows
+from fractal_tasks.registration.geometry import SPATIAL_AXES, window_pair
+from fractal_tasks.writer.pyramid import Aggregation, WindowPair, write_windows
+from fractal_tasks.writer.swap import recover, replace_directory
 
 logger = logging.getLogger(__name__)
 

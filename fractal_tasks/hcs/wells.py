@@ -9,7 +9,7 @@ from pathlib import Path
 from ngio import OmeZarrWell, open_ome_zarr_well
 from ngio.utils import NgioUserWarning, NgioValueError
 
-from fractal_tasks._errors import MISSING_OR_MALFORMED, RegistrationInputError
+from fractal_tasks.hcs.errors import MISSING_OR_MALFORMED, RegistrationInputError
 
 logger = logging.getLogger(__name__)
 

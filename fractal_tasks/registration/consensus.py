@@ -1,7 +1,7 @@
 """Registered ROI tables: per ROI name, the window every acquisition shows.
 
-Geometry is done in integer level-0 pixels (``_geometry``) and converted back to
-micrometres once, so every acquisition's window has exactly the same shape.
+Geometry is done in integer level-0 pixels (``geometry``) and converted back
+to micrometres once, so every acquisition's window has exactly the same shape.
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ from collections.abc import Mapping
 
 from ngio import Roi
 
-from fractal_tasks._errors import RegistrationInputError
-from fractal_tasks._geometry import (
+from fractal_tasks.hcs.errors import RegistrationInputError
+from fractal_tasks.hcs.roi_tables import slices_um, translation_um
+from fractal_tasks.registration.geometry import (
     Box,
     box_slices_um,
     consensus_windows,
     roi_box,
     to_pixels,
 )
-from fractal_tasks._roi_tables import slices_um, translation_um
 
 logger = logging.getLogger(__name__)
 
