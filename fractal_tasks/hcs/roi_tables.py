@@ -18,7 +18,7 @@ from ngio import OmeZarrContainer, Roi
 from ngio.tables import RoiTable, Table, write_table
 
 from fractal_tasks.hcs.errors import RegistrationInputError
-from fractal_tasks.registration.geometry import SPATIAL_AXES
+from fractal_tasks.registration.geometry import SPATIAL_AXES, ImageGeometry
 from fractal_tasks.writer.swap import replace_directory
 
 TRANSLATION_COLUMNS = {axis: f"translation_{axis}" for axis in SPATIAL_AXES}
@@ -214,9 +214,11 @@ def table_backend(container: OmeZarrContainer, table: str) -> str | None:
     return container.get_table(table).backend_name
 
 
-def spatial_geometry(image) -> tuple[dict[str, float], dict[str, int]]:
-    """``(pixel size in µm, size in pixels)`` per spatial axis of an ngio image."""
+def spatial_geometry(image) -> ImageGeometry:
+    """Pixel size (µm) and size (px) per spatial axis of an ngio image."""
     sizes = {"z": image.pixel_size.z, "y": image.pixel_size.y, "x": image.pixel_size.x}
     shape = dict(zip(image.axes, image.shape))
     axes = [a for a in SPATIAL_AXES if a in shape]
-    return {a: float(sizes[a]) for a in axes}, {a: int(shape[a]) for a in axes}
+    return ImageGeometry(
+        {a: float(sizes[a]) for a in axes}, {a: int(shape[a]) for a in axes}
+    )

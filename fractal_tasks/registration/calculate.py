@@ -26,7 +26,12 @@ from ngio.utils import NgioValueError
 
 from fractal_tasks.hcs.errors import RegistrationInputError
 from fractal_tasks.hcs.roi_tables import by_name, slices_um, spatial_geometry
-from fractal_tasks.registration.geometry import Box, crop_to_common, roi_box
+from fractal_tasks.registration.geometry import (
+    Box,
+    ImageGeometry,
+    crop_to_common,
+    roi_box,
+)
 from fractal_tasks.registration.shift import (
     RegistrationMethod,
     RegistrationStatus,
@@ -173,11 +178,11 @@ class _Level:
 
     path: str
     readers: tuple[Callable[[Box], np.ndarray], Callable[[Box], np.ndarray]]
-    geometries: tuple[tuple[dict, dict], tuple[dict, dict]]
+    geometries: tuple[ImageGeometry, ImageGeometry]
 
     def boxes(self, rois: tuple[Roi, Roi]) -> tuple[Box, Box]:
         return tuple(  # type: ignore[return-value]
-            roi_box(slices_um(roi), *geometry)
+            roi_box(slices_um(roi), geometry.pixel_um, geometry.shape)
             for roi, geometry in zip(rois, self.geometries)
         )
 
@@ -194,11 +199,12 @@ def _open_level(
         for image, channel, url in zip(images, channels, urls)
     )
     geometries = tuple(spatial_geometry(image) for image in images)
-    if geometries[0][0] != geometries[1][0]:
+    if geometries[0].pixel_um != geometries[1].pixel_um:
         raise RegistrationInputError(
-            f"Pixel sizes differ at level {path}: reference {geometries[0][0]} µm, "
-            f"acquisition {geometries[1][0]} µm. Registration only shifts images; "
-            "resample the acquisitions to the reference's pixel size first."
+            f"Pixel sizes differ at level {path}: reference "
+            f"{geometries[0].pixel_um} µm, acquisition {geometries[1].pixel_um} "
+            "µm. Registration only shifts images; resample the acquisitions to "
+            "the reference's pixel size first."
         )
     return _Level(path, readers, geometries)  # type: ignore[arg-type]
 
@@ -282,10 +288,10 @@ def estimate_rois(
     containers = (reference, acquisition)
     levels = {level_path: _open_level(containers, channels, urls, level_path)}
     geometry = levels[level_path].geometries[0]
-    if method is RegistrationMethod.CHI2_SHIFT and geometry[1].get("z", 1) > 1:
+    if method is RegistrationMethod.CHI2_SHIFT and geometry.shape.get("z", 1) > 1:
         raise RegistrationInputError(
             f"method='chi2_shift' works on 2D images, but {urls[1]!r} has "
-            f"{geometry[1]['z']} z planes. Use 'phase_cross_correlation'."
+            f"{geometry.shape['z']} z planes. Use 'phase_cross_correlation'."
         )
     paths = list(reference.level_paths)
     finer = paths[: paths.index(level_path) + 1][::-1]  # coarse to fine
@@ -339,7 +345,7 @@ def estimate_rois(
             lower_rescale_quantile=quantiles[0],
             upper_rescale_quantile=quantiles[1],
         )
-        return RoiEstimate(estimate, path, level(path).geometries[0][0])
+        return RoiEstimate(estimate, path, level(path).geometries[0].pixel_um)
 
     started = time.perf_counter()
     estimates = {}

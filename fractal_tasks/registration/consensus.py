@@ -15,6 +15,7 @@ from fractal_tasks.hcs.errors import RegistrationInputError
 from fractal_tasks.hcs.roi_tables import slices_um, translation_um
 from fractal_tasks.registration.geometry import (
     Box,
+    ImageGeometry,
     box_slices_um,
     consensus_windows,
     roi_box,
@@ -22,8 +23,6 @@ from fractal_tasks.registration.geometry import (
 )
 
 logger = logging.getLogger(__name__)
-
-Geometry = tuple[dict[str, float], dict[str, int]]  # (pixel µm, shape) per axis
 
 
 def translations_px(
@@ -70,7 +69,7 @@ def translations_px(
 
 def registered_rois(
     rois: Mapping[str, Mapping[str, Roi]],
-    geometries: Mapping[str, Geometry],
+    geometries: Mapping[str, ImageGeometry],
     reference_url: str,
     table: str,
 ) -> dict[str, list[Roi]]:
@@ -79,7 +78,7 @@ def registered_rois(
     Args:
         rois: ``image URL -> ROI name -> ROI`` of the input table, the same
             names in every image.
-        geometries: ``image URL -> (pixel size µm, shape px)`` of level 0.
+        geometries: ``image URL -> pixel size and shape`` at level 0.
         reference_url: The reference image (translation zero).
         table: Input table name, for messages.
 
@@ -91,20 +90,21 @@ def registered_rois(
         RegistrationInputError: If pixel sizes differ between images, or a
             ROI's consensus window is empty.
     """
-    pixel_um = geometries[reference_url][0]
-    for url, (sizes, _) in geometries.items():
-        if sizes != pixel_um:
+    pixel_um = geometries[reference_url].pixel_um
+    for url, geometry in geometries.items():
+        if geometry.pixel_um != pixel_um:
             raise RegistrationInputError(
-                f"Pixel sizes differ: {url!r} has {sizes} µm, the reference "
-                f"{reference_url!r} has {pixel_um} µm. Registration only shifts "
-                "images; resample the acquisitions to the reference's pixel size."
+                f"Pixel sizes differ: {url!r} has {geometry.pixel_um} µm, the "
+                f"reference {reference_url!r} has {pixel_um} µm. Registration only "
+                "shifts images; resample the acquisitions to the reference's pixel "
+                "size."
             )
     shifts = translations_px(rois, pixel_um, reference_url, table)
     out: dict[str, list[Roi]] = {url: [] for url in rois}
     for name in rois[reference_url]:
         boxes: dict[str, Box] = {}
         for url, by_roi in rois.items():
-            box = roi_box(slices_um(by_roi[name]), pixel_um, geometries[url][1])
+            box = roi_box(slices_um(by_roi[name]), pixel_um, geometries[url].shape)
             if box.is_empty:
                 raise RegistrationInputError(
                     f"ROI {name!r} of table {table!r} lies outside the image "

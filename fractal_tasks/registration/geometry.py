@@ -11,9 +11,19 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 SPATIAL_AXES = ("z", "y", "x")
 _SNAP = 1e-2  # a micrometre value this close to a pixel edge is that edge
+
+
+class ImageGeometry(NamedTuple):
+    """Where an array's pixels lie: per spatial axis, in ``z, y, x`` order."""
+
+    pixel_um: dict[str, float]
+    """Pixel size in micrometres."""
+    shape: dict[str, int]
+    """Size in pixels."""
 
 
 @dataclass(frozen=True)

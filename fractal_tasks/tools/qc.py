@@ -505,12 +505,12 @@ def well_qc_panels(
         ]
         geometries = [spatial_geometry(image) for image in images]
         quality = _quality_rows(container, input_roi_table)
-        pixel_um = geometries[0][0]
-        n_z = geometries[0][1].get("z", 1)
+        pixel_um = geometries[0].pixel_um
+        n_z = geometries[0].shape.get("z", 1)
         acquisition = acquisition_of(well, well_url, path)
         for fov in fovs:
             boxes = [
-                roi_box(slices_um(r[fov]), *g)
+                roi_box(slices_um(r[fov]), g.pixel_um, g.shape)
                 for r, g in zip((ref_rois, rois), geometries)
             ]
             if any(box.is_empty for box in boxes):

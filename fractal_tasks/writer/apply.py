@@ -36,7 +36,11 @@ from fractal_tasks.hcs.wells import (
     reference_path,
     split_image_url,
 )
-from fractal_tasks.registration.geometry import SPATIAL_AXES, window_pair
+from fractal_tasks.registration.geometry import (
+    SPATIAL_AXES,
+    ImageGeometry,
+    window_pair,
+)
 from fractal_tasks.writer.pyramid import Aggregation, WindowPair, write_windows
 from fractal_tasks.writer.swap import recover, replace_directory
 
@@ -76,15 +80,17 @@ class ApplyPlan:
 
 
 def _pairs(
-    source_rois: dict, target_rois: dict, geometry, what: str
+    source_rois: dict, target_rois: dict, geometry: ImageGeometry, what: str
 ) -> list[WindowPair]:
     """Window pairs (acquisition -> reference) of every ROI, in one array's pixels."""
-    pixel_um, shape = geometry
     pairs = []
     for name, target_roi in target_rois.items():
         try:
             source, target = window_pair(
-                slices_um(source_rois[name]), slices_um(target_roi), pixel_um, shape
+                slices_um(source_rois[name]),
+                slices_um(target_roi),
+                geometry.pixel_um,
+                geometry.shape,
             )
         except ValueError as error:
             raise RegistrationInputError(
@@ -228,12 +234,14 @@ def _open(url: str) -> OmeZarrContainer:
         ) from error
 
 
-def _require_same_extent(label_geometry, image_geometry, name: str, url: str) -> None:
+def _require_same_extent(
+    label: ImageGeometry, image: ImageGeometry, name: str, url: str
+) -> None:
     """A label must cover the same physical extent as its image."""
-    label_um = {a: n * label_geometry[0][a] for a, n in label_geometry[1].items()}
-    image_um = {a: n * image_geometry[0][a] for a, n in image_geometry[1].items()}
+    label_um = {a: n * label.pixel_um[a] for a, n in label.shape.items()}
+    image_um = {a: n * image.pixel_um[a] for a, n in image.shape.items()}
     if set(label_um) != set(image_um) or any(
-        abs(label_um[a] - image_um[a]) > label_geometry[0][a] for a in label_um
+        abs(label_um[a] - image_um[a]) > label.pixel_um[a] for a in label_um
     ):
         raise RegistrationInputError(
             f"Label {name!r} of {url!r} covers {label_um} µm but its image covers "

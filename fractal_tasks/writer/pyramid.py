@@ -315,6 +315,14 @@ class _Piece:
     put: Region  # inside the unit's block
 
 
+@dataclass
+class _OpenChunk:
+    """A chunk of a lower level while its parts arrive."""
+
+    buffer: np.ndarray | None = None  # None while every part was all zero
+    received: int = 0  # parts reduced into it so far
+
+
 class _Pyramid:
     """Accumulate each level's chunks from parts of the level above, then write.
 
@@ -339,7 +347,7 @@ class _Pyramid:
         self.kind = kind
         self.units = [tuple(unit)] + [tuple(a.chunks) for a in levels[1:]]
         self._lock = threading.Lock()
-        self._open: list[dict[Index, list]] = [{} for _ in levels]
+        self._open: list[dict[Index, _OpenChunk]] = [{} for _ in levels]
         # per level below the first: parts expected per chunk, along each axis
         self._counts: list[list[list[int]]] = [[]] + [
             self._expected(k) for k in range(1, len(levels))
@@ -420,15 +428,13 @@ class _Pyramid:
         if every part was all zero).
         """
         with self._lock:
-            entry = self._open[k].get(child)
-            if entry is None:
-                entry = [None, 0]  # buffer (None while all zero), parts received
-                self._open[k][child] = entry
-            if block is not None and entry[0] is None:
+            entry = self._open[k].setdefault(child, _OpenChunk())
+            if block is not None and entry.buffer is None:
                 shape = [r.stop - r.start for r in region]
-                entry[0] = self._pool.take(shape, block.dtype, zero=True)
-            buffer = entry[0]
+                entry.buffer = self._pool.take(shape, block.dtype, zero=True)
+            buffer = entry.buffer
         if block is not None:  # parts of one chunk never overlap
+            assert buffer is not None  # taken above for any part with data
             factors = self.factors[k - 1]
             put = []
             for i, u, f, r, n in zip(
@@ -439,11 +445,11 @@ class _Pyramid:
             downsample_into(block, factors, self.kind, buffer[tuple(put)])
         expected = math.prod(c[j] for c, j in zip(self._counts[k], child))
         with self._lock:
-            entry[1] += 1
-            if entry[1] < expected:
+            entry.received += 1
+            if entry.received < expected:
                 return False, None
             del self._open[k][child]
-            return True, entry[0]  # another thread may have brought the data
+            return True, entry.buffer  # another thread may have brought the data
 
 
 def write_windows(
