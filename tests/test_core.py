@@ -5,7 +5,11 @@ import os
 import numpy as np
 import pytest
 import zarr
+from ngio import Roi
 
+from fractal_tasks.hcs.errors import RegistrationInputError
+from fractal_tasks.hcs.roi_tables import stored_translations
+from fractal_tasks.registration.consensus import translations_px
 from fractal_tasks.registration.geometry import (
     Box,
     consensus_windows,
@@ -208,3 +212,36 @@ def test_write_windows_overlaps_odd_chunks_and_labels(tmp_path, chunks, kind):
             got = level[:]
             np.testing.assert_array_equal(got, want[:, : got.shape[1], : got.shape[2]])
             want = downsample(want, (1, 2, 2), kind)
+
+
+def _roi(name: str, **translation: float) -> Roi:
+    columns = {f"translation_{a}": v for a, v in translation.items()}
+    slices = {"z": (0.0, 1.0), "y": (0.0, 10.0), "x": (0.0, 10.0)}
+    return Roi.from_values(name=name, slices=slices, **columns)
+
+
+def test_stored_translations_all_none_or_a_clear_error():
+    done = {"A": _roi("A", z=0.0, y=1.5, x=-2.0), "B": _roi("B", z=0.0, y=0.0, x=1.0)}
+    assert stored_translations(done, "u", "FOV_ROI_table") == {
+        "A": {"z": 0.0, "y": 1.5, "x": -2.0},
+        "B": {"z": 0.0, "y": 0.0, "x": 1.0},
+    }
+    assert stored_translations({"A": _roi("A")}, "u", "FOV_ROI_table") is None
+    half = {"A": done["A"], "B": _roi("B")}
+    with pytest.raises(RegistrationInputError, match=r"no translation for \['B'\]"):
+        stored_translations(half, "u", "FOV_ROI_table")
+
+
+def test_consensus_needs_translations_in_every_acquisition():
+    pixel_um = {"z": 1.0, "y": 0.5, "x": 0.5}
+    ref = {"A": _roi("A")}
+    done = {"A": _roi("A", z=0.0, y=1.5, x=-2.0)}
+    shifts = translations_px({"r": ref, "a": done}, pixel_um, "r", "T")
+    assert shifts == {
+        "r": {"A": {"z": 0, "y": 0, "x": 0}},
+        "a": {"A": {"z": 0, "y": 3, "x": -4}},
+    }
+    with pytest.raises(RegistrationInputError, match="No translations.*any"):
+        translations_px({"r": ref, "a": ref}, pixel_um, "r", "T")
+    with pytest.raises(RegistrationInputError, match=r"no translations in \['b'\]"):
+        translations_px({"r": ref, "a": done, "b": ref}, pixel_um, "r", "T")

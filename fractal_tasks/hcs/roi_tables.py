@@ -145,6 +145,34 @@ def translation_um(roi: Roi) -> dict[str, float] | None:
     return {a: float(v) for a, v in present.items() if v is not None}
 
 
+def stored_translations(
+    rois: Mapping[str, Roi], zarr_url: str, table: str
+) -> dict[str, dict[str, float]] | None:
+    """The stored translation (µm per axis) of every ROI of one image.
+
+    The one check of stored translations, for consensus and the QC picture.
+
+    Returns:
+        ``ROI name -> translation``, or None when no ROI has one (calculate
+        has not run on this image with this table).
+
+    Raises:
+        RegistrationInputError: If some ROIs have a translation and others not,
+            or one is incomplete (an interrupted or failed run).
+    """
+    found = {name: translation_um(roi) for name, roi in rois.items()}
+    missing = sorted(name for name, value in found.items() if value is None)
+    if len(missing) == len(found):
+        return None
+    if missing:
+        raise RegistrationInputError(
+            f"ROI table {table!r} of {zarr_url!r} has no translation for {missing} "
+            "but has one for other ROIs. Re-run 'Calculate Registration "
+            "(image-based)' on this acquisition."
+        )
+    return {name: value for name, value in found.items() if value is not None}
+
+
 def _missing(value: object) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 

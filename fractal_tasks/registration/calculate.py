@@ -173,26 +173,48 @@ def channel_reader(image, channel: int, zarr_url: str) -> Callable[[Box], np.nda
 
 
 @dataclass(frozen=True)
-class _Level:
-    """Both images' registration channels at one pyramid level."""
+class LevelPair:
+    """The registration channels of a reference and an acquisition at one level.
+
+    The one reader of ROI pairs, for calculate and the QC picture.
+    """
 
     path: str
     readers: tuple[Callable[[Box], np.ndarray], Callable[[Box], np.ndarray]]
     geometries: tuple[ImageGeometry, ImageGeometry]
 
     def boxes(self, rois: tuple[Roi, Roi]) -> tuple[Box, Box]:
+        """Each ROI's box in its own image's pixels at this level (may be empty)."""
         return tuple(  # type: ignore[return-value]
             roi_box(slices_um(roi), geometry.pixel_um, geometry.shape)
             for roi, geometry in zip(rois, self.geometries)
         )
 
+    def read(self, rois: tuple[Roi, Roi]) -> tuple[np.ndarray, np.ndarray]:
+        """The pixels of both ROIs, cut to the size both have."""
+        boxes = crop_to_common(*self.boxes(rois))
+        reference, acquisition = (read(b) for read, b in zip(self.readers, boxes))
+        return reference, acquisition
 
-def _open_level(
+
+def open_level_pair(
     containers: tuple[OmeZarrContainer, OmeZarrContainer],
     channels: tuple[str, str],
     urls: tuple[str, str],
     path: str,
-) -> _Level:
+) -> LevelPair:
+    """Open the registration channel of both images at level ``path``.
+
+    Args:
+        containers: Reference and acquisition.
+        channels: Their registration channels (wavelength id or label).
+        urls: Their URLs, for messages.
+        path: The pyramid level.
+
+    Raises:
+        RegistrationInputError: For a missing level or channel, a time series,
+            or pixel sizes that differ between the two images.
+    """
     images = [level_image(c, path, u) for c, u in zip(containers, urls)]
     readers = tuple(
         channel_reader(image, channel_index(image, channel, url), url)
@@ -206,7 +228,7 @@ def _open_level(
             "µm. Registration only shifts images; resample the acquisitions to "
             "the reference's pixel size first."
         )
-    return _Level(path, readers, geometries)  # type: ignore[arg-type]
+    return LevelPair(path, readers, geometries)  # type: ignore[arg-type]
 
 
 def _level_for(roi_boxes: Callable[[str], tuple[Box, Box]], paths: list[str]) -> str:
@@ -286,7 +308,7 @@ def estimate_rois(
             on 3D images.
     """
     containers = (reference, acquisition)
-    levels = {level_path: _open_level(containers, channels, urls, level_path)}
+    levels = {level_path: open_level_pair(containers, channels, urls, level_path)}
     geometry = levels[level_path].geometries[0]
     if method is RegistrationMethod.CHI2_SHIFT and geometry.shape.get("z", 1) > 1:
         raise RegistrationInputError(
@@ -298,10 +320,10 @@ def estimate_rois(
 
     opening = threading.Lock()
 
-    def level(path: str) -> _Level:
+    def level(path: str) -> LevelPair:
         with opening:  # ROIs run in threads; open each level once
             if path not in levels:
-                levels[path] = _open_level(containers, channels, urls, path)
+                levels[path] = open_level_pair(containers, channels, urls, path)
             return levels[path]
 
     def boxes_at(rois: tuple[Roi, Roi], path: str) -> tuple[Box, Box]:
@@ -332,14 +354,8 @@ def estimate_rois(
         )
 
     def one(name: str) -> RoiEstimate:
-        def read_pair(path: str) -> tuple[np.ndarray, np.ndarray]:
-            at = level(path)
-            boxes = crop_to_common(*at.boxes(pairs[name]))
-            ref, acq = (read(b) for read, b in zip(at.readers, boxes))
-            return ref, acq
-
         estimate, path = estimate_with_retry(
-            read_pair,
+            lambda path: level(path).read(pairs[name]),
             finer[finer.index(chosen[name]) :],
             method=method,
             lower_rescale_quantile=quantiles[0],

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from ngio import Roi
 
 from fractal_tasks.hcs.errors import RegistrationInputError
-from fractal_tasks.hcs.roi_tables import slices_um, translation_um
+from fractal_tasks.hcs.roi_tables import slices_um, stored_translations
 from fractal_tasks.registration.geometry import (
     Box,
     ImageGeometry,
@@ -38,30 +38,30 @@ def translations_px(
             before calculate), or some ROIs lack them.
     """
     out: dict[str, dict[str, dict[str, int]]] = {}
-    lacking: dict[str, list[str]] = {}
+    lacking = []
     for url, by_roi in rois.items():
-        out[url] = {}
-        for name, roi in by_roi.items():
-            if url == reference_url:
-                out[url][name] = {axis: 0 for axis in pixel_um}
-                continue
-            t = translation_um(roi)
-            if t is None:
-                lacking.setdefault(url, []).append(name)
-                continue
-            out[url][name] = {
+        if url == reference_url:
+            out[url] = {name: {axis: 0 for axis in pixel_um} for name in by_roi}
+            continue
+        stored = stored_translations(by_roi, url, table)
+        if stored is None:
+            lacking.append(url)
+            continue
+        out[url] = {
+            name: {
                 axis: to_pixels(t.get(axis, 0.0), pixel_um[axis]) for axis in pixel_um
             }
-    others = [url for url in rois if url != reference_url]
-    if others and set(lacking) == set(others) and not any(out[url] for url in others):
+            for name, t in stored.items()
+        }
+    if lacking and len(lacking) == len(rois) - 1:
         raise RegistrationInputError(
             f"No translations in ROI table {table!r} of any acquisition "
-            f"({others}). Run 'Calculate Registration (image-based)' with "
+            f"({lacking}). Run 'Calculate Registration (image-based)' with "
             f"input_roi_table={table!r} before 'Find Registration Consensus'."
         )
     if lacking:
         raise RegistrationInputError(
-            f"ROI table {table!r} lacks translations for {lacking}. Re-run "
+            f"ROI table {table!r} has no translations in {lacking}. Re-run "
             "'Calculate Registration (image-based)' on these acquisitions."
         )
     return out

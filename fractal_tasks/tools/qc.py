@@ -46,16 +46,11 @@ from fractal_tasks.hcs.roi_tables import (
     require_same_names,
     slices_um,
     spatial_geometry,
-    translation_um,
+    stored_translations,
 )
 from fractal_tasks.hcs.wells import acquisition_of, open_well, reference_path
-from fractal_tasks.registration.calculate import (
-    channel_index,
-    channel_reader,
-    level_image,
-    load_quality,
-)
-from fractal_tasks.registration.geometry import SPATIAL_AXES, crop_to_common, roi_box
+from fractal_tasks.registration.calculate import load_quality, open_level_pair
+from fractal_tasks.registration.geometry import SPATIAL_AXES, roi_box
 
 logger = logging.getLogger(__name__)
 
@@ -390,25 +385,6 @@ def _choose_level(container, rois: dict, n_columns: int, url: str) -> str:
     return container.level_paths[-1]
 
 
-def _stored_translations(rois: dict, url: str, table: str) -> dict | None:
-    """Translation per ROI name, None if no ROI has one.
-
-    Raises:
-        RegistrationInputError: If only some ROIs have a translation.
-    """
-    found = {name: translation_um(roi) for name, roi in rois.items()}
-    missing = sorted(name for name, value in found.items() if value is None)
-    if len(missing) == len(found):
-        return None
-    if missing:
-        raise RegistrationInputError(
-            f"ROI table {table!r} of {url!r} has no translation for {missing} but "
-            "has one for other ROIs. Re-run 'Calculate Registration (image-based)' "
-            "on this acquisition first."
-        )
-    return found
-
-
 def well_qc_panels(
     well_url: str,
     *,
@@ -466,7 +442,7 @@ def well_qc_panels(
         url = f"{well_url}/{path}"
         container = open_ome_zarr_container(url)
         rois = by_name(load_rois(container, input_roi_table, url))
-        shifts = _stored_translations(rois, url, input_roi_table)
+        shifts = stored_translations(rois, url, input_roi_table)
         if shifts is None:
             skipped.append(path)
             continue
@@ -495,31 +471,24 @@ def well_qc_panels(
     for path, ref_path, rois, shifts, container in columns:
         ref_container, ref_rois = reference_cache[ref_path]
         ref_url, url = f"{well_url}/{ref_path}", f"{well_url}/{path}"
-        images = [
-            level_image(c, level_path, u)
-            for c, u in ((ref_container, ref_url), (container, url))
-        ]
-        readers = [
-            channel_reader(image, channel_index(image, wavelength_id, u), u)
-            for image, u in zip(images, (ref_url, url))
-        ]
-        geometries = [spatial_geometry(image) for image in images]
+        level = open_level_pair(
+            (ref_container, container),
+            (wavelength_id, wavelength_id),
+            (ref_url, url),
+            level_path,
+        )
         quality = _quality_rows(container, input_roi_table)
-        pixel_um = geometries[0].pixel_um
-        n_z = geometries[0].shape.get("z", 1)
+        pixel_um = level.geometries[0].pixel_um
+        n_z = level.geometries[0].shape.get("z", 1)
         acquisition = acquisition_of(well, well_url, path)
         for fov in fovs:
-            boxes = [
-                roi_box(slices_um(r[fov]), g.pixel_um, g.shape)
-                for r, g in zip((ref_rois, rois), geometries)
-            ]
-            if any(box.is_empty for box in boxes):
+            pair = (ref_rois[fov], rois[fov])
+            if any(box.is_empty for box in level.boxes(pair)):
                 raise RegistrationInputError(
                     f"ROI {fov!r} lies outside the image {ref_url!r} or {url!r} at "
                     f"level {level_path}; check the ROI table {input_roi_table!r}."
                 )
-            ref_box, acq_box = crop_to_common(*boxes)
-            ref_pixels, acq_pixels = readers[0](ref_box), readers[1](acq_box)
+            ref_pixels, acq_pixels = level.read(pair)
             panels[fov, path] = _make_panel(
                 fov,
                 path,
