@@ -27,8 +27,12 @@ How :func:`estimate_shift` works:
    so a fit on few points is exact). A large shift is checked against its
    periodic alias by the correlation of the overlapping parts.
 3. Sub-pixel peak: a second correlation of the overlapping parts aligned to
-   the nearest pixel (it removes the window's pull towards zero shift), then
-   the correlation is re-evaluated by matrix-multiply DFT on small grids around
+   the nearest pixel, the moving part windowed by the window moved by the
+   sub-pixel rest of the estimate, repeated until the estimate stops moving.
+   A window fixed to the frame pulls the peak towards zero shift (by up to
+   half a pixel when the content lies on its ramps: a lone cell in a corner,
+   the rim of a field); one that moves with the content does not. The
+   correlation is re-evaluated by matrix-multiply DFT on small grids around
    the peak, each time moving to the vertex of a quadratic fitted to the log.
 
 The evidence, from the registration itself:
@@ -172,6 +176,8 @@ _FINE_BAND = 0.1  # cycles/px: the high-pass of the significance surface
 _LOWPASS = 0.35  # Gaussian spectral weight, sigma as a fraction of Nyquist
 _WRAP_CHECK = 0.25  # test the periodic alias of shifts beyond this fraction
 _UPSAMPLE = 10  # last sub-pixel grid step is 1 / _UPSAMPLE px
+_REFINE_STEPS = 4  # at most this many refinements with a window moved along
+_REFINE_TOL = 0.01  # px: stop refining when the estimate moves less
 _MAX_SAMPLES = 1 << 16  # quantiles and medians on at most ~65k values
 
 
@@ -340,36 +346,55 @@ def _check_pair(reference: np.ndarray, moving: np.ndarray) -> None:
 # --------------------------------------------------------------------------
 # phase correlation
 # --------------------------------------------------------------------------
-def _tukey(n: int, ramp: int) -> np.ndarray:
+def _tukey(n: int, ramp: int, offset: float = 0.0) -> np.ndarray:
     """Tukey window: flat, with the halves of a Hann window as its two ramps.
 
-    Built from ``np.hanning`` (``scipy.signal.windows.tukey`` gives the same
-    values; importing ``scipy.signal`` costs the task process about a second).
+    Sampled at ``arange(n) + offset`` and zero outside ``[0, n - 1]``. With
+    ``offset == 0`` these are the values of ``scipy.signal.windows.tukey``
+    (importing ``scipy.signal`` costs the task process about a second); a
+    fractional ``offset`` gives the same window moved by ``-offset`` px.
     """
-    hann = np.hanning(2 * ramp + 1) if ramp > 0 else np.ones(1)
+    t = np.arange(n, dtype=np.float64) + offset
     w = np.ones(n)
-    w[:ramp] = hann[:ramp]
-    w[n - ramp :] = hann[ramp + 1 :]
+    if ramp > 0:
+        edge = np.minimum(t, n - 1 - t)  # distance from the nearer end
+        on_ramp = edge < ramp
+        w[on_ramp] = 0.5 - 0.5 * np.cos(np.pi * np.maximum(edge[on_ramp], 0.0) / ramp)
     return w
+
+
+def _ramp(n: int) -> int:
+    """Length of each Tukey ramp on an axis of ``n`` px; 0 on a short axis.
+
+    An axis shorter than 8 px (a thin z stack) is not tapered: a taper there
+    would leave one or two planes.
+    """
+    if n < _SHORT_AXIS:
+        return 0
+    ramp = int(max(_WINDOW_ALPHA * (n - 1) / 2, _MIN_RAMP_PX))
+    return min(ramp, (n - 1) // 2)
+
+
+def _window_at(shape: tuple[int, ...], offset: Sequence[float]) -> np.ndarray:
+    """The window of :func:`_window` moved by ``-offset`` px, per axis.
+
+    If ``ref[p] == mov[p - offset]``, then ``ref * _window(shape)`` and
+    ``mov * _window_at(shape, offset)`` are the same windowed content, moved
+    by ``offset``: a window that moves with the content pulls the correlation
+    peak nowhere, whereas a fixed one pulls it towards zero shift (by up to
+    half the shift when the content lies on the ramps).
+    """
+    w = np.ones((1,) * len(shape), dtype=np.float32)
+    for ax, (n, o) in enumerate(zip(shape, offset, strict=True)):
+        profile = _tukey(n, _ramp(n), float(o)).astype(np.float32)
+        w = w * profile.reshape([n if a == ax else 1 for a in range(len(shape))])
+    return np.broadcast_to(w, shape)
 
 
 @functools.lru_cache(maxsize=8)
 def _window(shape: tuple[int, ...]) -> np.ndarray:
-    """Separable Tukey window; ramps of at least 6 px, none on short axes.
-
-    An axis shorter than 8 px (a thin z stack) is not tapered: a taper there
-    would leave one or two planes, and the second pass removes the bias of
-    the other axes' taper anyway.
-    """
-    w = np.ones((1,) * len(shape), dtype=np.float32)
-    for ax, n in enumerate(shape):
-        ramp = 0
-        if n >= _SHORT_AXIS:
-            ramp = int(max(_WINDOW_ALPHA * (n - 1) / 2, _MIN_RAMP_PX))
-            ramp = min(ramp, (n - 1) // 2)
-        profile = _tukey(n, ramp).astype(np.float32)
-        w = w * profile.reshape([n if a == ax else 1 for a in range(len(shape))])
-    w = np.ascontiguousarray(np.broadcast_to(w, shape), dtype=np.float32)
+    """Separable Tukey window; ramps of at least 6 px, none on short axes."""
+    w = np.ascontiguousarray(_window_at(shape, [0.0] * len(shape)), dtype=np.float32)
     w.setflags(write=False)
     return w
 
@@ -414,15 +439,30 @@ def _fast_crop(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     return tuple(a[tuple(sl)] for a in arrays)
 
 
-def _cross_power(ref: np.ndarray, mov: np.ndarray) -> np.ndarray:
-    """Whitened, low-passed cross-power half spectrum of two windowed images."""
+def _spectrum(x: np.ndarray, window: np.ndarray) -> np.ndarray:
+    """Half spectrum of ``x`` minus its mean, times ``window``."""
+    return scipy.fft.rfftn((x - x.mean()) * window)
+
+
+def _cross_power(
+    ref: np.ndarray,
+    mov: np.ndarray,
+    *,
+    ref_spectrum: np.ndarray | None = None,
+    offset: Sequence[float] | None = None,
+) -> np.ndarray:
+    """Whitened, low-passed cross-power half spectrum of two windowed images.
+
+    ``ref_spectrum``: ``_spectrum(ref, _window(ref.shape))`` if already
+    computed. ``offset``: window ``mov`` with the window moved by this
+    sub-pixel shift (see :func:`_window_at`) rather than the fixed one.
+    """
     shape = ref.shape
-    window = _window(shape)
-    fr = scipy.fft.rfftn((ref - ref.mean()) * window)
-    spec = scipy.fft.rfftn((mov - mov.mean()) * window)
+    fr = ref_spectrum if ref_spectrum is not None else _spectrum(ref, _window(shape))
+    window = _window(shape) if offset is None else _window_at(shape, offset)
+    spec = _spectrum(mov, window)
     np.conjugate(spec, out=spec)
     spec *= fr
-    del fr
     mag = np.abs(spec)
     mag += np.float32(1e-6 * float(mag.max()) + np.finfo(np.float32).tiny)
     if _WHITENING != 1:
@@ -535,23 +575,32 @@ def _pcc(
     significance = _peak_significance(fine, base)
     del fine
     elongation = _peak_elongation(corr, base) if corr.ndim >= 2 else 1.0
-    # Second pass: the stationary window pulls the peak towards 0 (up to
-    # ~0.5 px on short axes). Correlating the overlapping parts, aligned to
-    # the nearest pixel, leaves a residual below a pixel free of that pull.
+    # Refinement on the parts that overlap at the nearest whole-pixel shift,
+    # with the moving part's window moved by the sub-pixel rest of the current
+    # estimate: a window fixed to the frame pulls the peak towards zero (by
+    # up to half the rest when the content lies on the ramps: a lone cell
+    # in a corner, a rim), one that moves with the content does not. Each
+    # step removes most of what is left of that pull.
     x = first
-    for _ in range(3):
+    fr, at = None, None
+    refined = False
+    for _ in range(_REFINE_STEPS):
         a = np.rint(x).astype(int)
         sr, sm = _overlap(ref.shape, a)
         if not _overlap_usable(ref[sr].shape, ref.shape):
             break
         r2, m2 = _fast_crop(ref[sr], mov[sm])
-        residual = _polish(_cross_power(r2, m2), r2.shape, x - a)
-        if np.any(np.abs(residual) >= 1.5):
-            break  # no peak near the first estimate: keep the first pass
-        x = a + residual
-        if np.all(np.abs(residual) <= 0.5):
-            return x, significance, elongation
-    else:
+        if at is None or np.any(a != at):
+            fr, at = _spectrum(r2, _window(r2.shape)), a
+        rest = x - a
+        spec2 = _cross_power(r2, m2, ref_spectrum=fr, offset=rest)
+        found = _polish(spec2, r2.shape, rest)
+        if np.any(np.abs(found) >= 1.5):
+            break  # no peak near the estimate: keep the estimate
+        x, refined = a + found, True
+        if np.all(np.abs(found - rest) < _REFINE_TOL):
+            break
+    if refined:
         return x, significance, elongation
     # overlap too small: polish on the first spectrum, in surface coordinates
     wrap = shift - base
