@@ -288,32 +288,43 @@ def _remove_background(x: np.ndarray) -> np.ndarray:
 
     The background is smooth, so it is computed on a copy binned to about
     32 px per axis (two box passes: a triangular kernel) and interpolated
-    back linearly. Axes shorter than 8 px are not filtered.
+    back linearly between the bin centres (constant beyond the outer ones).
+    Axes shorter than 8 px are not filtered.
     """
     step = [max(1, n // 32) if n >= _SHORT_AXIS else 1 for n in x.shape]
-    kept = tuple(slice(0, n - n % k) for n, k in zip(x.shape, step, strict=True))
-    binned_shape = [n // k for n, k in zip(x.shape, step, strict=True)]
-    split = [d for pair in zip(binned_shape, step, strict=True) for d in pair]
-    coarse = x[kept].reshape(split).mean(axis=tuple(range(1, 2 * x.ndim, 2)))
+    coarse = x[tuple(slice(0, n - n % k) for n, k in zip(x.shape, step, strict=True))]
+    for ax, k in enumerate(step):  # one axis at a time: sums of contiguous runs
+        if k > 1:
+            shape = coarse.shape
+            coarse = coarse.reshape(shape[:ax] + (shape[ax] // k, k) + shape[ax + 1 :])
+            coarse = coarse.sum(axis=ax + 1, dtype=np.float32)
+    coarse = coarse * np.float32(1.0 / math.prod(step))  # a copy, also if unbinned
     size = [
         max(3, int(m * _BACKGROUND_FRACTION)) | 1 if n >= _SHORT_AXIS else 1
         for m, n in zip(coarse.shape, x.shape, strict=True)
     ]
     ndimage.uniform_filter(coarse, size, output=coarse, mode="reflect")
     ndimage.uniform_filter(coarse, size, output=coarse, mode="reflect")
-    # back to full size: repeat each binned value over its bin, then a box
-    # the width of a bin (nearest * box = linear interpolation, and O(n))
+    # back to full size, the last axis first (while the array is small)
     background = coarse
-    for ax, k in enumerate(step):
-        if k > 1:
-            background = np.repeat(background, k, axis=ax)
-    pad = [(0, n - m) for n, m in zip(x.shape, background.shape, strict=True)]
-    background = np.pad(background, pad, mode="edge")
-    for ax, k in enumerate(step):
-        if k > 1:
-            ndimage.uniform_filter1d(background, k, axis=ax, output=background)
+    for ax in reversed(range(x.ndim)):
+        if step[ax] > 1:
+            background = _interpolate_axis(background, ax, x.shape[ax], step[ax])
     x -= background
     return x
+
+
+def _interpolate_axis(c: np.ndarray, axis: int, n: int, k: int) -> np.ndarray:
+    """Linear interpolation along ``axis`` of bins of ``k`` px to ``n`` px."""
+    m = c.shape[axis]
+    u = np.clip((np.arange(n) + 0.5) / k - 0.5, 0.0, m - 1.0)
+    i0 = np.minimum(u.astype(np.intp), max(m - 2, 0))
+    i1 = np.minimum(i0 + 1, m - 1)
+    w = (u - i0).astype(np.float32)
+    w = w.reshape([n if a == axis else 1 for a in range(c.ndim)])
+    lo = np.take(c, i0, axis=axis)
+    lo += (np.take(c, i1, axis=axis) - lo) * w
+    return lo
 
 
 def _prepare(x: np.ndarray, lower_q: float, upper_q: float) -> np.ndarray:
