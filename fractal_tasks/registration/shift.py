@@ -27,8 +27,12 @@ How :func:`estimate_shift` works:
    so a fit on few points is exact). A large shift is checked against its
    periodic alias by the correlation of the overlapping parts.
 3. Sub-pixel peak: a second correlation of the overlapping parts aligned to
-   the nearest pixel (it removes the window's pull towards zero shift), then
-   the correlation is re-evaluated by matrix-multiply DFT on small grids around
+   the nearest pixel, the moving part windowed by the window moved by the
+   sub-pixel rest of the estimate, repeated until the estimate stops moving.
+   A window fixed to the frame pulls the peak towards zero shift (by up to
+   half a pixel when the content lies on its ramps: a lone cell in a corner,
+   the rim of a field); one that moves with the content does not. The
+   correlation is re-evaluated by matrix-multiply DFT on small grids around
    the peak, each time moving to the vertex of a quadratic fitted to the log.
 
 The evidence, from the registration itself:
@@ -172,6 +176,9 @@ _FINE_BAND = 0.1  # cycles/px: the high-pass of the significance surface
 _LOWPASS = 0.35  # Gaussian spectral weight, sigma as a fraction of Nyquist
 _WRAP_CHECK = 0.25  # test the periodic alias of shifts beyond this fraction
 _UPSAMPLE = 10  # last sub-pixel grid step is 1 / _UPSAMPLE px
+_REFINE_STEPS = 4  # at most this many refinements with a window moved along
+_CHECK_CLEAR = 0.25  # offset check: no second direction below this
+_REFINE_TOL = 0.01  # px: stop refining when the estimate moves less
 _MAX_SAMPLES = 1 << 16  # quantiles and medians on at most ~65k values
 
 
@@ -282,32 +289,43 @@ def _remove_background(x: np.ndarray) -> np.ndarray:
 
     The background is smooth, so it is computed on a copy binned to about
     32 px per axis (two box passes: a triangular kernel) and interpolated
-    back linearly. Axes shorter than 8 px are not filtered.
+    back linearly between the bin centres (constant beyond the outer ones).
+    Axes shorter than 8 px are not filtered.
     """
     step = [max(1, n // 32) if n >= _SHORT_AXIS else 1 for n in x.shape]
-    kept = tuple(slice(0, n - n % k) for n, k in zip(x.shape, step, strict=True))
-    binned_shape = [n // k for n, k in zip(x.shape, step, strict=True)]
-    split = [d for pair in zip(binned_shape, step, strict=True) for d in pair]
-    coarse = x[kept].reshape(split).mean(axis=tuple(range(1, 2 * x.ndim, 2)))
+    coarse = x[tuple(slice(0, n - n % k) for n, k in zip(x.shape, step, strict=True))]
+    for ax, k in enumerate(step):  # one axis at a time: sums of contiguous runs
+        if k > 1:
+            shape = coarse.shape
+            coarse = coarse.reshape(shape[:ax] + (shape[ax] // k, k) + shape[ax + 1 :])
+            coarse = coarse.sum(axis=ax + 1, dtype=np.float32)
+    coarse = coarse * np.float32(1.0 / math.prod(step))  # a copy, also if unbinned
     size = [
         max(3, int(m * _BACKGROUND_FRACTION)) | 1 if n >= _SHORT_AXIS else 1
         for m, n in zip(coarse.shape, x.shape, strict=True)
     ]
     ndimage.uniform_filter(coarse, size, output=coarse, mode="reflect")
     ndimage.uniform_filter(coarse, size, output=coarse, mode="reflect")
-    # back to full size: repeat each binned value over its bin, then a box
-    # the width of a bin (nearest * box = linear interpolation, and O(n))
+    # back to full size, the last axis first (while the array is small)
     background = coarse
-    for ax, k in enumerate(step):
-        if k > 1:
-            background = np.repeat(background, k, axis=ax)
-    pad = [(0, n - m) for n, m in zip(x.shape, background.shape, strict=True)]
-    background = np.pad(background, pad, mode="edge")
-    for ax, k in enumerate(step):
-        if k > 1:
-            ndimage.uniform_filter1d(background, k, axis=ax, output=background)
+    for ax in reversed(range(x.ndim)):
+        if step[ax] > 1:
+            background = _interpolate_axis(background, ax, x.shape[ax], step[ax])
     x -= background
     return x
+
+
+def _interpolate_axis(c: np.ndarray, axis: int, n: int, k: int) -> np.ndarray:
+    """Linear interpolation along ``axis`` of bins of ``k`` px to ``n`` px."""
+    m = c.shape[axis]
+    u = np.clip((np.arange(n) + 0.5) / k - 0.5, 0.0, m - 1.0)
+    i0 = np.minimum(u.astype(np.intp), max(m - 2, 0))
+    i1 = np.minimum(i0 + 1, m - 1)
+    w = (u - i0).astype(np.float32)
+    w = w.reshape([n if a == axis else 1 for a in range(c.ndim)])
+    lo = np.take(c, i0, axis=axis)
+    lo += (np.take(c, i1, axis=axis) - lo) * w
+    return lo
 
 
 def _prepare(x: np.ndarray, lower_q: float, upper_q: float) -> np.ndarray:
@@ -340,36 +358,55 @@ def _check_pair(reference: np.ndarray, moving: np.ndarray) -> None:
 # --------------------------------------------------------------------------
 # phase correlation
 # --------------------------------------------------------------------------
-def _tukey(n: int, ramp: int) -> np.ndarray:
+def _tukey(n: int, ramp: int, offset: float = 0.0) -> np.ndarray:
     """Tukey window: flat, with the halves of a Hann window as its two ramps.
 
-    Built from ``np.hanning`` (``scipy.signal.windows.tukey`` gives the same
-    values; importing ``scipy.signal`` costs the task process about a second).
+    Sampled at ``arange(n) + offset`` and zero outside ``[0, n - 1]``. With
+    ``offset == 0`` these are the values of ``scipy.signal.windows.tukey``
+    (importing ``scipy.signal`` costs the task process about a second); a
+    fractional ``offset`` gives the same window moved by ``-offset`` px.
     """
-    hann = np.hanning(2 * ramp + 1) if ramp > 0 else np.ones(1)
+    t = np.arange(n, dtype=np.float64) + offset
     w = np.ones(n)
-    w[:ramp] = hann[:ramp]
-    w[n - ramp :] = hann[ramp + 1 :]
+    if ramp > 0:
+        edge = np.minimum(t, n - 1 - t)  # distance from the nearer end
+        on_ramp = edge < ramp
+        w[on_ramp] = 0.5 - 0.5 * np.cos(np.pi * np.maximum(edge[on_ramp], 0.0) / ramp)
     return w
+
+
+def _ramp(n: int) -> int:
+    """Length of each Tukey ramp on an axis of ``n`` px; 0 on a short axis.
+
+    An axis shorter than 8 px (a thin z stack) is not tapered: a taper there
+    would leave one or two planes.
+    """
+    if n < _SHORT_AXIS:
+        return 0
+    ramp = int(max(_WINDOW_ALPHA * (n - 1) / 2, _MIN_RAMP_PX))
+    return min(ramp, (n - 1) // 2)
+
+
+def _window_at(shape: tuple[int, ...], offset: Sequence[float]) -> np.ndarray:
+    """The window of :func:`_window` moved by ``-offset`` px, per axis.
+
+    If ``ref[p] == mov[p - offset]``, then ``ref * _window(shape)`` and
+    ``mov * _window_at(shape, offset)`` are the same windowed content, moved
+    by ``offset``: a window that moves with the content pulls the correlation
+    peak nowhere, whereas a fixed one pulls it towards zero shift (by up to
+    half the shift when the content lies on the ramps).
+    """
+    w = np.ones((1,) * len(shape), dtype=np.float32)
+    for ax, (n, o) in enumerate(zip(shape, offset, strict=True)):
+        profile = _tukey(n, _ramp(n), float(o)).astype(np.float32)
+        w = w * profile.reshape([n if a == ax else 1 for a in range(len(shape))])
+    return np.broadcast_to(w, shape)
 
 
 @functools.lru_cache(maxsize=8)
 def _window(shape: tuple[int, ...]) -> np.ndarray:
-    """Separable Tukey window; ramps of at least 6 px, none on short axes.
-
-    An axis shorter than 8 px (a thin z stack) is not tapered: a taper there
-    would leave one or two planes, and the second pass removes the bias of
-    the other axes' taper anyway.
-    """
-    w = np.ones((1,) * len(shape), dtype=np.float32)
-    for ax, n in enumerate(shape):
-        ramp = 0
-        if n >= _SHORT_AXIS:
-            ramp = int(max(_WINDOW_ALPHA * (n - 1) / 2, _MIN_RAMP_PX))
-            ramp = min(ramp, (n - 1) // 2)
-        profile = _tukey(n, ramp).astype(np.float32)
-        w = w * profile.reshape([n if a == ax else 1 for a in range(len(shape))])
-    w = np.ascontiguousarray(np.broadcast_to(w, shape), dtype=np.float32)
+    """Separable Tukey window; ramps of at least 6 px, none on short axes."""
+    w = np.ascontiguousarray(_window_at(shape, [0.0] * len(shape)), dtype=np.float32)
     w.setflags(write=False)
     return w
 
@@ -414,21 +451,35 @@ def _fast_crop(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     return tuple(a[tuple(sl)] for a in arrays)
 
 
-def _cross_power(ref: np.ndarray, mov: np.ndarray) -> np.ndarray:
-    """Whitened, low-passed cross-power half spectrum of two windowed images."""
+def _spectrum(x: np.ndarray, window: np.ndarray) -> np.ndarray:
+    """Half spectrum of ``x`` minus its mean, times ``window``."""
+    return scipy.fft.rfftn((x - x.mean()) * window)
+
+
+def _cross_power(
+    ref: np.ndarray,
+    mov: np.ndarray,
+    *,
+    ref_spectrum: np.ndarray | None = None,
+    offset: Sequence[float] | None = None,
+) -> np.ndarray:
+    """Whitened, low-passed cross-power half spectrum of two windowed images.
+
+    ``ref_spectrum``: ``_spectrum(ref, _window(ref.shape))`` if already
+    computed. ``offset``: window ``mov`` with the window moved by this
+    sub-pixel shift (see :func:`_window_at`) rather than the fixed one.
+    """
     shape = ref.shape
-    window = _window(shape)
-    fr = scipy.fft.rfftn((ref - ref.mean()) * window)
-    spec = scipy.fft.rfftn((mov - mov.mean()) * window)
+    fr = ref_spectrum if ref_spectrum is not None else _spectrum(ref, _window(shape))
+    window = _window(shape) if offset is None else _window_at(shape, offset)
+    spec = _spectrum(mov, window)
     np.conjugate(spec, out=spec)
     spec *= fr
-    del fr
-    mag = np.abs(spec)
-    mag += np.float32(1e-6 * float(mag.max()) + np.finfo(np.float32).tiny)
-    if _WHITENING != 1:
-        mag **= np.float32(_WHITENING)
-    spec /= mag
-    spec *= _gauss_lowpass(shape)
+    weight = np.abs(spec)
+    weight += np.float32(1e-6 * float(weight.max()) + np.finfo(np.float32).tiny)
+    weight **= np.float32(-_WHITENING)
+    weight *= _gauss_lowpass(shape)
+    spec *= weight  # a real factor: much faster than dividing a complex array
     return spec
 
 
@@ -500,7 +551,8 @@ def _integer_peak(
 ) -> np.ndarray:
     """Surface index of the correlation peak, its periodic alias resolved."""
     region = _search_region(corr.shape, bound)
-    sub = corr[np.ix_(*region)]
+    whole = all(ix.size == n for ix, n in zip(region, corr.shape, strict=True))
+    sub = corr if whole else corr[np.ix_(*region)]  # fancy indexing copies
     at = np.unravel_index(int(np.argmax(sub)), sub.shape)
     peak = np.array([ix[i] for ix, i in zip(region, at, strict=True)])
     k = _signed(peak, corr.shape)
@@ -535,23 +587,32 @@ def _pcc(
     significance = _peak_significance(fine, base)
     del fine
     elongation = _peak_elongation(corr, base) if corr.ndim >= 2 else 1.0
-    # Second pass: the stationary window pulls the peak towards 0 (up to
-    # ~0.5 px on short axes). Correlating the overlapping parts, aligned to
-    # the nearest pixel, leaves a residual below a pixel free of that pull.
+    # Refinement on the parts that overlap at the nearest whole-pixel shift,
+    # with the moving part's window moved by the sub-pixel rest of the current
+    # estimate: a window fixed to the frame pulls the peak towards zero (by
+    # up to half the rest when the content lies on the ramps: a lone cell
+    # in a corner, a rim), one that moves with the content does not. Each
+    # step removes most of what is left of that pull.
     x = first
-    for _ in range(3):
+    fr, at = None, None
+    refined = False
+    for _ in range(_REFINE_STEPS):
         a = np.rint(x).astype(int)
         sr, sm = _overlap(ref.shape, a)
         if not _overlap_usable(ref[sr].shape, ref.shape):
             break
         r2, m2 = _fast_crop(ref[sr], mov[sm])
-        residual = _polish(_cross_power(r2, m2), r2.shape, x - a)
-        if np.any(np.abs(residual) >= 1.5):
-            break  # no peak near the first estimate: keep the first pass
-        x = a + residual
-        if np.all(np.abs(residual) <= 0.5):
-            return x, significance, elongation
-    else:
+        if at is None or np.any(a != at):
+            fr, at = _spectrum(r2, _window(r2.shape)), a
+        rest = x - a
+        spec2 = _cross_power(r2, m2, ref_spectrum=fr, offset=rest)
+        found = _polish(spec2, r2.shape, rest, near=refined)
+        if np.any(np.abs(found) >= 1.5):
+            break  # no peak near the estimate: keep the estimate
+        x, refined = a + found, True
+        if np.all(np.abs(found - rest) < _REFINE_TOL):
+            break
+    if refined:
         return x, significance, elongation
     # overlap too small: polish on the first spectrum, in surface coordinates
     wrap = shift - base
@@ -570,10 +631,14 @@ def _offset_check(ref: np.ndarray, mov: np.ndarray, shift: np.ndarray) -> float:
     largest over the axes: about 0 for content, 1 for the frame, anything for
     no match. Both directions of the step are tried and the better one kept,
     so that content at one border (a single cell in a corner) is kept whole
-    in at least one of them.
+    in at least one of them; the second only when the first lands more than
+    a quarter step from the content (it would not change the verdict).
     """
     step = np.array([max(1, n // 8) if n >= _SHORT_AXIS else 0 for n in ref.shape])
-    return min(_offset_distance(ref, mov, shift, sign * step) for sign in (1, -1))
+    first = _offset_distance(ref, mov, shift, step)
+    if first <= _CHECK_CLEAR:
+        return first
+    return min(first, _offset_distance(ref, mov, shift, -step))
 
 
 def _offset_distance(
@@ -725,15 +790,18 @@ def _gauss_fit_offsets(corr: np.ndarray, peak: np.ndarray) -> np.ndarray:
     return out
 
 
-def _polish(spec: np.ndarray, shape: tuple[int, ...], x: np.ndarray) -> np.ndarray:
+def _polish(
+    spec: np.ndarray, shape: tuple[int, ...], x: np.ndarray, *, near: bool = False
+) -> np.ndarray:
     """Refine a sub-pixel peak ``x`` by DFT evaluation and quadratic fits.
 
     The correlation is evaluated on the 3**nd grid of spacing ``h`` around
     ``x``, which moves to the vertex of a quadratic fitted to the log of the
     values (again while it lands on the grid's edge, up to 4 times), with
-    ``h = 0.25`` px and then ``h = 0.1`` px.
+    ``h = 0.25`` px and then ``h = 0.1`` px; ``near``: ``x`` is within about
+    0.1 px of the peak, only ``h = 0.1`` px.
     """
-    for step in (0.25, 1.0 / _UPSAMPLE):
+    for step in (1.0 / _UPSAMPLE,) if near else (0.25, 1.0 / _UPSAMPLE):
         offsets = np.array([-step, 0.0, step])
         for _ in range(4):
             vals = _dft_eval(spec, shape, [c + offsets for c in x])
