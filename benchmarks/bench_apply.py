@@ -4,7 +4,7 @@
 For every selected plate the script
 
 1. builds (or reuses from benchmarks/out/plates) a synthetic multiplexed plate
-   with known per-FOV shifts (see _synth.py);
+   with known per-FOV shifts (see fractal_tasks/tools/synthetic.py);
 2. copies it once per task package and computes the registered ROI tables
    there with that package's own calculate + consensus tasks (timed, reported
    for information);
@@ -51,7 +51,15 @@ from _common import (  # noqa: E402
     short_error,
     warm_page_cache,
 )
-from _synth import SynthSpec, copy_plate, dir_bytes, get_plate, relocate_manifest  # noqa: E402
+from _synth import (  # noqa: E402
+    SynthSpec,
+    copy_plate,
+    describe,
+    dir_bytes,
+    get_plate,
+    level0_bytes_per_image,
+    relocate_manifest,
+)
 
 OURS_PKG = "fractal_tasks"
 FOV_TABLE, WELL_TABLE = "FOV_ROI_table", "well_ROI_table"
@@ -201,7 +209,7 @@ def plate_specs(args) -> list[tuple[str, SynthSpec, str]]:
     common = dict(
         n_acquisitions=args.acquisitions,
         levels=args.levels,
-        chunks=args.chunks,
+        chunks=parse_chunks(args.chunks),
         max_shift_px=args.max_shift,
         seed=args.seed,
         noise="fast",
@@ -245,7 +253,14 @@ def plate_specs(args) -> list[tuple[str, SynthSpec, str]]:
 
 def _shift_kind(table: str) -> dict:
     """Registering the whole well assumes the well moved as one piece."""
-    return {"extra": {"shift": "per_well"}} if table == WELL_TABLE else {}
+    return {"shift_per_well": table == WELL_TABLE}
+
+
+def parse_chunks(text: str) -> str | tuple[int, ...]:
+    """'fov', 'auto' or 'c,z,y,x' (an explicit chunk shape)."""
+    if text in ("fov", "auto"):
+        return text
+    return tuple(int(v) for v in text.split(","))
 
 
 # --------------------------------------------------------------------------
@@ -419,14 +434,14 @@ def copy_tables(src_urls, dst_urls):
 
 def run_plate(name, spec, table, args, pythons, run_dir, contenders):
     log(
-        f"\n=== plate {name}: {spec.describe()}, {spec.levels} levels, "
+        f"\n=== plate {name}: {describe(spec)}, {spec.levels} levels, "
         f"chunks={spec.chunks}"
     )
     src_dir, manifest = get_plate(
         args.out / "plates", name, spec, rebuild=args.rebuild, log=log
     )
     src_urls = manifest["zarr_urls"]
-    level0_mb = spec.level0_bytes_per_image() * len(src_urls) / MB
+    level0_mb = level0_bytes_per_image(spec) * len(src_urls) / MB
     disk_mb = dir_bytes(src_dir / "plate.zarr") / MB
     log(
         f"  level-0 data: {level0_mb:.0f} MB uncompressed over {len(src_urls)} images; "

@@ -46,7 +46,13 @@ from _common import (  # noqa: E402
     run_child,
     short_error,
 )
-from _synth import SynthSpec, copy_plate, get_plate, relocate_manifest  # noqa: E402
+from _synth import (  # noqa: E402
+    SynthSpec,
+    copy_plate,
+    describe,
+    get_plate,
+    relocate_manifest,
+)
 
 LABELS = {"ours": "fractal_tasks (ours)", "ftc": "fractal-tasks-core 2.1"}
 
@@ -150,7 +156,7 @@ def run_case(case, spec, args, pythons, run_dir, contenders):
     from _verify import translation_errors
 
     log(
-        f"\n=== case {case}: {spec.describe()}, shifts up to "
+        f"\n=== case {case}: {describe(spec)}, shifts up to "
         f"{spec.max_shift[0]:.0f}x{spec.max_shift[1]:.0f} px "
         f"(y x), {'1/8-px subpixel' if spec.subpixel else 'integer'}, "
         f"registration at level {args.level_path}"
