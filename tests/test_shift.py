@@ -279,6 +279,31 @@ def test_a_smooth_gradient_has_no_unique_answer() -> None:
         assert est.peak_significance < 10.0
 
 
+def test_offset_check_tries_every_direction_for_content_at_a_corner() -> None:
+    """A textured object half out of the upper-left corner, moved: the crops
+    of the two diagonal steps cut it so that the match looks tied to the
+    frame, an anti-diagonal step does not; the check keeps the best."""
+    from fractal_tasks.registration import shift as core
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:96, :96].astype(float)
+    blob = np.exp(-((yy - 22) ** 2 + (xx - 22) ** 2) / (2 * 9.0**2))
+    scene = blob * (1 + 2 * ndi.gaussian_filter(rng.standard_normal((96, 96)), 1.2))
+    truth = (-1.5, 1.9)
+    moved = np.fft.ifftn(ndi.fourier_shift(np.fft.fftn(scene), [-t for t in truth]))
+    fov = (slice(16, 80), slice(16, 80))
+    ref = 1000 + 3000 * scene[fov] + 20 * rng.standard_normal((64, 64))
+    mov = 1000 + 3000 * moved.real[fov] + 20 * rng.standard_normal((64, 64))
+    est = estimate_shift(ref, mov)
+    _assert_close(est, truth, 0.05)
+    assert est.offset_check < 0.25
+    assert judge_estimate(est).good
+    r, m = (core._prepare(a, 0.0, 0.99) for a in (ref, mov))
+    shift, step = np.array(est.shift), np.array([8, 8])
+    diagonal = [core._offset_distance(r, m, shift, s * step) for s in (1, -1)]
+    assert min(diagonal) > 0.5  # what the check saw with the diagonals alone
+
+
 def test_injected_outlier_caught(acquisition: list[ShiftEstimate]) -> None:
     shifts = np.array([e.shift for e in acquisition])
     shifts[2] += (9.0, -6.0)

@@ -629,16 +629,35 @@ def _offset_check(ref: np.ndarray, mov: np.ndarray, shift: np.ndarray) -> float:
     vignetting, a fixed pattern) stays at ``shift``. Returns the distance of
     the crops' correlation peak from ``shift + d`` in units of the step,
     largest over the axes: about 0 for content, 1 for the frame, anything for
-    no match. Both directions of the step are tried and the better one kept,
-    so that content at one border (a single cell in a corner) is kept whole
-    in at least one of them; the second only when the first lands more than
-    a quarter step from the content (it would not change the verdict).
+    no match. On each axis the crops cut the reference at one end and the
+    moving image at the other, which ones depending on the sign of the step
+    there; content at a border (a cell in a corner, an object at an edge)
+    is cut less in some directions than in others. So every direction (each
+    sign combination over the axes: all +, all -, then the other mirrored
+    pairs) is tried until one lands within a quarter step of the content (a
+    smaller value would not change the verdict), and the best is kept.
     """
     step = np.array([max(1, n // 8) if n >= _SHORT_AXIS else 0 for n in ref.shape])
-    first = _offset_distance(ref, mov, shift, step)
-    if first <= _CHECK_CLEAR:
-        return first
-    return min(first, _offset_distance(ref, mov, shift, -step))
+    best = math.inf
+    for signs in _step_signs(int(np.count_nonzero(step))):
+        d = step.copy()
+        d[d > 0] *= signs
+        best = min(best, _offset_distance(ref, mov, shift, d))
+        if best <= _CHECK_CLEAR:
+            break
+    return best
+
+
+@functools.lru_cache(maxsize=4)
+def _step_signs(n: int) -> tuple[np.ndarray, ...]:
+    """Sign combinations of ``n`` axes: all +, all -, then mirrored pairs."""
+    combos = [np.array(c) for c in itertools.product((1, -1), repeat=n)]
+    order: list[np.ndarray] = []
+    for c in combos:  # each followed by its mirror image
+        for o in (c, -c):
+            if not any(np.array_equal(o, seen) for seen in order):
+                order.append(o)
+    return tuple(order)
 
 
 def _offset_distance(
