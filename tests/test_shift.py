@@ -260,7 +260,11 @@ def test_empty_noise_saturated_and_unrelated_fovs_flagged(
     for v, est in zip(verdicts[6:], acquisition[6:], strict=True):
         assert not v.good
         assert est.peak_significance < 10.0
-        assert v.reason.startswith("no significant correlation peak")
+    for i in (6, 8):
+        assert verdicts[i].reason.startswith("no significant correlation peak")
+    # the saturated FOV: 97% of its pixels at the maximum, named as the reason
+    assert acquisition[7].saturated == pytest.approx(1 - 1 / 35, abs=0.01)
+    assert verdicts[7].reason.startswith("saturated: 97% of the overlap")
 
 
 def test_a_smooth_gradient_has_no_unique_answer() -> None:
@@ -302,6 +306,24 @@ def test_offset_check_tries_every_direction_for_content_at_a_corner() -> None:
     shift, step = np.array(est.shift), np.array([8, 8])
     diagonal = [core._offset_distance(r, m, shift, s * step) for s in (1, -1)]
     assert min(diagonal) > 0.5  # what the check saw with the diagonals alone
+
+
+def test_saturation_share_of_the_overlap() -> None:
+    """Clipped pixels are counted in either image, on the overlap: most of it
+    clipped is named as the reason even when a peak stands out; a clipped
+    minority (bright nuclei at the camera's limit) is not."""
+    ref, mov = _pair((96, 96), (4.0, -6.0), seed=5, extra=False)
+    mostly = np.minimum(mov, np.quantile(mov, 0.1)).astype(np.uint16)
+    est = estimate_shift(ref, mostly)
+    assert est.saturated == pytest.approx(0.9, abs=0.03)
+    assert judge_estimate(est).reason.startswith("saturated: 9")
+    bright = np.minimum(ref, np.quantile(ref, 0.95)).astype(np.uint16)
+    est = estimate_shift(bright, mov)
+    assert est.saturated == pytest.approx(0.05, abs=0.01)
+    assert judge_estimate(est).good
+    _assert_close(est, (4.0, -6.0), 0.2)
+    mask = ref > np.median(ref)
+    assert estimate_shift(mask, mask).saturated == 0.0  # a mask is not clipped
 
 
 def test_injected_outlier_caught(acquisition: list[ShiftEstimate]) -> None:
@@ -352,6 +374,8 @@ def test_each_check_names_its_reason() -> None:
         (_evidence(ncc_before=0.04, ncc_after=0.05), "weak correlation after"),
         (_evidence(ncc_before=0.95, ncc_after=0.95), ""),  # true zero shift
         (_evidence(ncc_after=float("nan")), "correlation undefined"),
+        (_evidence(saturated=0.6), "saturated: 60% of the overlap"),
+        (_evidence(saturated=0.5), ""),
     ]
     for estimate, reason in cases:
         verdict = judge_estimate(estimate)

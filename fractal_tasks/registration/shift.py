@@ -52,6 +52,12 @@ The evidence, from the registration itself:
 * ``ncc_before`` / ``ncc_after``: normalized cross-correlation of the prepared
   (background-free) images without and with the shift: does the shift make
   the images agree?
+
+One fact about the data, not the registration, is recorded too:
+``saturated``, the share of the overlap where either image is at its
+maximum value. Clipped pixels carry no structure; when they are most of the
+overlap the shift rests on the few that are left, and their shapes are
+changed by the clipping, so a peak can stand out and still be wrong.
 """
 
 from __future__ import annotations
@@ -138,6 +144,10 @@ class ShiftEstimate:
             with the content, about 1 when it stays with the image frame
             (vignetting, a smooth gradient, a fixed pattern), anything when
             there is no match.
+        saturated: Share (0..1) of the pixels of the overlap (at the shift
+            rounded to whole pixels) where the reference or the moving image
+            is at its own maximum value: clipped, no structure. 0 for bool
+            images (a mask's maximum is not a clipping).
     """
 
     shift: tuple[float, ...]
@@ -146,6 +156,7 @@ class ShiftEstimate:
     peak_significance: float
     peak_elongation: float
     offset_check: float
+    saturated: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -683,6 +694,21 @@ def _offset_distance(
     return to_content / max(to_content + to_frame, 1e-9)
 
 
+def _saturated_share(
+    reference: np.ndarray, moving: np.ndarray, shift: Sequence[int]
+) -> float:
+    """Share of the overlap at ``shift`` where either raw image is at its maximum."""
+    if reference.dtype == np.bool_:
+        return 0.0
+    sr, sm = _overlap(reference.shape, shift)
+    r, m = reference[sr], moving[sm]
+    if r.size == 0:
+        return 0.0
+    clipped = r == reference.max()
+    clipped |= m == moving.max()
+    return float(np.count_nonzero(clipped)) / clipped.size
+
+
 def _chi2(ref: np.ndarray, mov: np.ndarray) -> np.ndarray:
     """image_registration.chi2_shift on prepared 2D images, in our convention.
 
@@ -919,7 +945,11 @@ def estimate_shift(
     sub = np.clip(sub, -bound[active], bound[active])  # never beyond the bound
     ref_fast, mov_fast = _fast_crop(ref, mov)
     offset_check = _offset_check(ref_fast, mov_fast, sub)
-    ncc_after = _ncc_shifted(ref, mov, np.rint(sub).astype(int))
+    whole = np.rint(sub).astype(int)
+    ncc_after = _ncc_shifted(ref, mov, whole)
+    saturated = _saturated_share(
+        reference.reshape(squeezed), moving.reshape(squeezed), whole
+    )
     shift = [0.0] * len(full_shape)
     for ax, v in zip(active, sub, strict=True):
         shift[ax] = float(v) + 0.0  # + 0.0 turns -0.0 into 0.0
@@ -930,6 +960,7 @@ def estimate_shift(
         peak_significance=float(significance),
         peak_elongation=elongation,
         offset_check=offset_check,
+        saturated=saturated,
     )
 
 
@@ -941,6 +972,7 @@ MAX_PEAK_ELONGATION = 2.5
 MAX_OFFSET_CHECK = 0.5
 MIN_NCC_AFTER = 0.1
 MIN_NCC_GAIN = -0.02
+MAX_SATURATED = 0.5
 
 
 def judge_estimate(estimate: ShiftEstimate) -> Verdict:
@@ -949,21 +981,31 @@ def judge_estimate(estimate: ShiftEstimate) -> Verdict:
     Checks, in this order (the first failure gives the reason):
 
     1. Both NCC values are defined: else a constant image or no overlap.
-    2. ``peak_significance >= 10``: else no match stands out of the fine
+    2. ``saturated <= 0.5``: else most of the overlap is clipped in one of the
+       images (a fact about the data, reported as such): the shift rests on
+       the few pixels left, whose shapes the clipping changed.
+    3. ``peak_significance >= 10``: else no match stands out of the fine
        band of the correlation surface (empty, saturated, defocused or
        unrelated images, smooth shading only; unrelated images score 3-6).
-    3. ``peak_elongation <= 2.5``: else the peak is a ridge: an edge fixes the
+    4. ``peak_elongation <= 2.5``: else the peak is a ridge: an edge fixes the
        shift across it but not along it.
-    4. ``offset_check <= 0.5``: else the match stays with the image frame
+    5. ``offset_check <= 0.5``: else the match stays with the image frame
        instead of moving with the content.
-    5. ``ncc_after >= ncc_before - 0.02``: else the shift makes the images
+    6. ``ncc_after >= ncc_before - 0.02``: else the shift makes the images
        agree less than no shift at all (-0.02: a true shift below half a
        pixel rounds to 0, so there may be no gain).
-    6. ``ncc_after >= 0.1``: else the images have too little in common.
+    7. ``ncc_after >= 0.1``: else the images have too little in common.
     """
     e = estimate
     if not (math.isfinite(e.ncc_before) and math.isfinite(e.ncc_after)):
         return Verdict(False, "correlation undefined (constant image or empty overlap)")
+    if e.saturated > MAX_SATURATED:
+        return Verdict(
+            False,
+            f"saturated: {100 * e.saturated:.0f}% of the overlap is at the image's "
+            f"maximum value (> {100 * MAX_SATURATED:.0f}%), the shift rests on "
+            "the few unclipped pixels",
+        )
     if not e.peak_significance >= MIN_PEAK_SIGNIFICANCE:
         return Verdict(
             False,
