@@ -260,7 +260,11 @@ def test_empty_noise_saturated_and_unrelated_fovs_flagged(
     for v, est in zip(verdicts[6:], acquisition[6:], strict=True):
         assert not v.good
         assert est.peak_significance < 10.0
-        assert v.reason.startswith("no significant correlation peak")
+    for i in (6, 8):
+        assert verdicts[i].reason.startswith("no significant correlation peak")
+    # the saturated FOV: 97% of its pixels at the maximum, named as the reason
+    assert acquisition[7].saturated == pytest.approx(1 - 1 / 35, abs=0.01)
+    assert verdicts[7].reason.startswith("saturated: 97% of the overlap")
 
 
 def test_a_smooth_gradient_has_no_unique_answer() -> None:
@@ -277,6 +281,49 @@ def test_a_smooth_gradient_has_no_unique_answer() -> None:
         est = estimate_shift(ref, mov)
         assert not judge_estimate(est).good
         assert est.peak_significance < 10.0
+
+
+def test_offset_check_tries_every_direction_for_content_at_a_corner() -> None:
+    """A textured object half out of the upper-left corner, moved: the crops
+    of the two diagonal steps cut it so that the match looks tied to the
+    frame, an anti-diagonal step does not; the check keeps the best."""
+    from fractal_tasks.registration import shift as core
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:96, :96].astype(float)
+    blob = np.exp(-((yy - 22) ** 2 + (xx - 22) ** 2) / (2 * 9.0**2))
+    scene = blob * (1 + 2 * ndi.gaussian_filter(rng.standard_normal((96, 96)), 1.2))
+    truth = (-1.5, 1.9)
+    moved = np.fft.ifftn(ndi.fourier_shift(np.fft.fftn(scene), [-t for t in truth]))
+    fov = (slice(16, 80), slice(16, 80))
+    ref = 1000 + 3000 * scene[fov] + 20 * rng.standard_normal((64, 64))
+    mov = 1000 + 3000 * moved.real[fov] + 20 * rng.standard_normal((64, 64))
+    est = estimate_shift(ref, mov)
+    _assert_close(est, truth, 0.05)
+    assert est.offset_check < 0.25
+    assert judge_estimate(est).good
+    r, m = (core._prepare(a, 0.0, 0.99) for a in (ref, mov))
+    shift, step = np.array(est.shift), np.array([8, 8])
+    diagonal = [core._offset_distance(r, m, shift, s * step) for s in (1, -1)]
+    assert min(diagonal) > 0.5  # what the check saw with the diagonals alone
+
+
+def test_saturation_share_of_the_overlap() -> None:
+    """Clipped pixels are counted in either image, on the overlap: most of it
+    clipped is named as the reason even when a peak stands out; a clipped
+    minority (bright nuclei at the camera's limit) is not."""
+    ref, mov = _pair((96, 96), (4.0, -6.0), seed=5, extra=False)
+    mostly = np.minimum(mov, np.quantile(mov, 0.1)).astype(np.uint16)
+    est = estimate_shift(ref, mostly)
+    assert est.saturated == pytest.approx(0.9, abs=0.03)
+    assert judge_estimate(est).reason.startswith("saturated: 9")
+    bright = np.minimum(ref, np.quantile(ref, 0.95)).astype(np.uint16)
+    est = estimate_shift(bright, mov)
+    assert est.saturated == pytest.approx(0.05, abs=0.01)
+    assert judge_estimate(est).good
+    _assert_close(est, (4.0, -6.0), 0.2)
+    mask = ref > np.median(ref)
+    assert estimate_shift(mask, mask).saturated == 0.0  # a mask is not clipped
 
 
 def test_injected_outlier_caught(acquisition: list[ShiftEstimate]) -> None:
@@ -327,6 +374,8 @@ def test_each_check_names_its_reason() -> None:
         (_evidence(ncc_before=0.04, ncc_after=0.05), "weak correlation after"),
         (_evidence(ncc_before=0.95, ncc_after=0.95), ""),  # true zero shift
         (_evidence(ncc_after=float("nan")), "correlation undefined"),
+        (_evidence(saturated=0.6), "saturated: 60% of the overlap"),
+        (_evidence(saturated=0.5), ""),
     ]
     for estimate, reason in cases:
         verdict = judge_estimate(estimate)

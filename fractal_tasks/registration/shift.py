@@ -52,6 +52,12 @@ The evidence, from the registration itself:
 * ``ncc_before`` / ``ncc_after``: normalized cross-correlation of the prepared
   (background-free) images without and with the shift: does the shift make
   the images agree?
+
+One fact about the data, not the registration, is recorded too:
+``saturated``, the share of the overlap where either image is at its
+maximum value. Clipped pixels carry no structure; when they are most of the
+overlap the shift rests on the few that are left, and their shapes are
+changed by the clipping, so a peak can stand out and still be wrong.
 """
 
 from __future__ import annotations
@@ -138,6 +144,10 @@ class ShiftEstimate:
             with the content, about 1 when it stays with the image frame
             (vignetting, a smooth gradient, a fixed pattern), anything when
             there is no match.
+        saturated: Share (0..1) of the pixels of the overlap (at the shift
+            rounded to whole pixels) where the reference or the moving image
+            is at its own maximum value: clipped, no structure. 0 for bool
+            images (a mask's maximum is not a clipping).
     """
 
     shift: tuple[float, ...]
@@ -146,6 +156,7 @@ class ShiftEstimate:
     peak_significance: float
     peak_elongation: float
     offset_check: float
+    saturated: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -629,16 +640,35 @@ def _offset_check(ref: np.ndarray, mov: np.ndarray, shift: np.ndarray) -> float:
     vignetting, a fixed pattern) stays at ``shift``. Returns the distance of
     the crops' correlation peak from ``shift + d`` in units of the step,
     largest over the axes: about 0 for content, 1 for the frame, anything for
-    no match. Both directions of the step are tried and the better one kept,
-    so that content at one border (a single cell in a corner) is kept whole
-    in at least one of them; the second only when the first lands more than
-    a quarter step from the content (it would not change the verdict).
+    no match. On each axis the crops cut the reference at one end and the
+    moving image at the other, which ones depending on the sign of the step
+    there; content at a border (a cell in a corner, an object at an edge)
+    is cut less in some directions than in others. So every direction (each
+    sign combination over the axes: all +, all -, then the other mirrored
+    pairs) is tried until one lands within a quarter step of the content (a
+    smaller value would not change the verdict), and the best is kept.
     """
     step = np.array([max(1, n // 8) if n >= _SHORT_AXIS else 0 for n in ref.shape])
-    first = _offset_distance(ref, mov, shift, step)
-    if first <= _CHECK_CLEAR:
-        return first
-    return min(first, _offset_distance(ref, mov, shift, -step))
+    best = math.inf
+    for signs in _step_signs(int(np.count_nonzero(step))):
+        d = step.copy()
+        d[d > 0] *= signs
+        best = min(best, _offset_distance(ref, mov, shift, d))
+        if best <= _CHECK_CLEAR:
+            break
+    return best
+
+
+@functools.lru_cache(maxsize=4)
+def _step_signs(n: int) -> tuple[np.ndarray, ...]:
+    """Sign combinations of ``n`` axes: all +, all -, then mirrored pairs."""
+    combos = [np.array(c) for c in itertools.product((1, -1), repeat=n)]
+    order: list[np.ndarray] = []
+    for c in combos:  # each followed by its mirror image
+        for o in (c, -c):
+            if not any(np.array_equal(o, seen) for seen in order):
+                order.append(o)
+    return tuple(order)
 
 
 def _offset_distance(
@@ -662,6 +692,21 @@ def _offset_distance(
 
     to_content, to_frame = distance(shift + d), distance(shift)
     return to_content / max(to_content + to_frame, 1e-9)
+
+
+def _saturated_share(
+    reference: np.ndarray, moving: np.ndarray, shift: Sequence[int]
+) -> float:
+    """Share of the overlap at ``shift`` where either raw image is at its maximum."""
+    if reference.dtype == np.bool_:
+        return 0.0
+    sr, sm = _overlap(reference.shape, shift)
+    r, m = reference[sr], moving[sm]
+    if r.size == 0:
+        return 0.0
+    clipped = r == reference.max()
+    clipped |= m == moving.max()
+    return float(np.count_nonzero(clipped)) / clipped.size
 
 
 def _chi2(ref: np.ndarray, mov: np.ndarray) -> np.ndarray:
@@ -900,7 +945,11 @@ def estimate_shift(
     sub = np.clip(sub, -bound[active], bound[active])  # never beyond the bound
     ref_fast, mov_fast = _fast_crop(ref, mov)
     offset_check = _offset_check(ref_fast, mov_fast, sub)
-    ncc_after = _ncc_shifted(ref, mov, np.rint(sub).astype(int))
+    whole = np.rint(sub).astype(int)
+    ncc_after = _ncc_shifted(ref, mov, whole)
+    saturated = _saturated_share(
+        reference.reshape(squeezed), moving.reshape(squeezed), whole
+    )
     shift = [0.0] * len(full_shape)
     for ax, v in zip(active, sub, strict=True):
         shift[ax] = float(v) + 0.0  # + 0.0 turns -0.0 into 0.0
@@ -911,6 +960,7 @@ def estimate_shift(
         peak_significance=float(significance),
         peak_elongation=elongation,
         offset_check=offset_check,
+        saturated=saturated,
     )
 
 
@@ -922,6 +972,7 @@ MAX_PEAK_ELONGATION = 2.5
 MAX_OFFSET_CHECK = 0.5
 MIN_NCC_AFTER = 0.1
 MIN_NCC_GAIN = -0.02
+MAX_SATURATED = 0.5
 
 
 def judge_estimate(estimate: ShiftEstimate) -> Verdict:
@@ -930,21 +981,31 @@ def judge_estimate(estimate: ShiftEstimate) -> Verdict:
     Checks, in this order (the first failure gives the reason):
 
     1. Both NCC values are defined: else a constant image or no overlap.
-    2. ``peak_significance >= 10``: else no match stands out of the fine
+    2. ``saturated <= 0.5``: else most of the overlap is clipped in one of the
+       images (a fact about the data, reported as such): the shift rests on
+       the few pixels left, whose shapes the clipping changed.
+    3. ``peak_significance >= 10``: else no match stands out of the fine
        band of the correlation surface (empty, saturated, defocused or
        unrelated images, smooth shading only; unrelated images score 3-6).
-    3. ``peak_elongation <= 2.5``: else the peak is a ridge: an edge fixes the
+    4. ``peak_elongation <= 2.5``: else the peak is a ridge: an edge fixes the
        shift across it but not along it.
-    4. ``offset_check <= 0.5``: else the match stays with the image frame
+    5. ``offset_check <= 0.5``: else the match stays with the image frame
        instead of moving with the content.
-    5. ``ncc_after >= ncc_before - 0.02``: else the shift makes the images
+    6. ``ncc_after >= ncc_before - 0.02``: else the shift makes the images
        agree less than no shift at all (-0.02: a true shift below half a
        pixel rounds to 0, so there may be no gain).
-    6. ``ncc_after >= 0.1``: else the images have too little in common.
+    7. ``ncc_after >= 0.1``: else the images have too little in common.
     """
     e = estimate
     if not (math.isfinite(e.ncc_before) and math.isfinite(e.ncc_after)):
         return Verdict(False, "correlation undefined (constant image or empty overlap)")
+    if e.saturated > MAX_SATURATED:
+        return Verdict(
+            False,
+            f"saturated: {100 * e.saturated:.0f}% of the overlap is at the image's "
+            f"maximum value (> {100 * MAX_SATURATED:.0f}%), the shift rests on "
+            "the few unclipped pixels",
+        )
     if not e.peak_significance >= MIN_PEAK_SIGNIFICANCE:
         return Verdict(
             False,
