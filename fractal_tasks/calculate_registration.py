@@ -66,7 +66,8 @@ def calculate_registration(
     smooth shading only), a peak that is a ridge (an edge fixes the shift
     across it, not along it), a match that does not move with the content
     when the images are cropped with a known offset (it stays with the image
-    frame), no gain in correlation from the shift, a shift beyond
+    frame), an overlap more than half at the image's maximum value
+    (saturated), no gain in correlation from the shift, a shift beyond
     `max_shift`, or a shift far from the other ROIs of the acquisition when
     those agree closely: the ROI failed. Its
     translation is replaced by the median of the good ROIs (status
@@ -85,7 +86,8 @@ def calculate_registration(
     registration channel without and with the shift), `peak_significance`
     (the correlation peak in robust standard deviations of the surface's
     fine band; at least 10), `peak_elongation` (at most 2.5), `offset_check`
-    (at most 0.5) and the `level_path` the ROI was estimated at.
+    (at most 0.5), `saturated` (share of the overlap at the image's maximum
+    value, 0 to 1; at most 0.5) and the `level_path` the ROI was estimated at.
 
     Args:
         zarr_url: Path or url to the individual OME-Zarr image to be processed.

@@ -103,6 +103,24 @@ def test_every_fov_empty_is_a_clear_error_or_zero_on_request(make_plate):
         assert [extra[f"translation_{a}"] for a in "zyx"] == [0.0, 0.0, 0.0]
 
 
+def test_saturated_fov_falls_back_and_the_table_says_why(make_plate):
+    plate = make_plate(**FOV)
+    url = urls_of(plate)[1]
+
+    def clip(block):  # a gain far too high: most pixels at the camera's maximum
+        return np.minimum(block.astype(np.int64) * 50, 4095).astype(block.dtype)
+
+    _edit_fov(url, 3, clip)
+    calculate(plate)
+    rois = _rois(url)
+    assert rois["FOV_4"]["registration_status"] == "fallback"
+    assert rois["FOV_4"]["registration_note"].startswith("saturated: ")
+    assert rois["FOV_4"]["saturated"] > 0.5
+    for name in ("FOV_1", "FOV_2", "FOV_3"):
+        assert rois[name]["saturated"] < 0.01
+        assert not rois[name]["registration_note"].startswith("saturated")
+
+
 def test_injected_outlier_is_caught(make_plate):
     plate = make_plate(**FOV)
     url = urls_of(plate)[1]

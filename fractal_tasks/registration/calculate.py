@@ -60,6 +60,7 @@ QUALITY_COLUMNS = (
     "peak_significance",
     "peak_elongation",
     "offset_check",
+    "saturated",
     "level_path",
 )
 
@@ -109,6 +110,7 @@ class RoiRegistration:
             "peak_significance": e.peak_significance,
             "peak_elongation": e.peak_elongation,
             "offset_check": e.offset_check,
+            "saturated": e.saturated,
             "level_path": self.roi_estimate.level_path,
         }
 
