@@ -66,6 +66,18 @@ CPU_PARAM_NAMES = (
     "n_threads",
     "threads",
 )
+# Environment of our apply child per --zarr-io. zarr reads ZARR_* variables
+# into its configuration when imported (donfig). zarrs is not made strict: it
+# cannot decode the string columns of anndata ROI tables, and strict would make
+# those reads fail instead of falling back to zarr's own pipeline.
+ZARR_IO_ENV = {
+    "files": {},
+    "zarr": {"FRACTAL_TASKS_ZARR_IO": "1"},
+    "zarrs": {
+        "FRACTAL_TASKS_ZARR_IO": "1",
+        "ZARR_CODEC_PIPELINE__PATH": "zarrs.ZarrsCodecPipeline",
+    },
+}
 LABELS = {
     "ours": "fractal_tasks (ours)",
     "ftc": "fractal-tasks-core 2.1",
@@ -171,6 +183,16 @@ def parse_args(argv=None):
         "--pin",
         action="store_true",
         help="with --cpus N: pin ftc and the plain copy to the same N cores too",
+    )
+    r.add_argument(
+        "--zarr-io",
+        choices=sorted(ZARR_IO_ENV),
+        default="files",
+        help="chunk I/O of our apply: 'files' = our chunk files (default), "
+        "'zarr' = FRACTAL_TASKS_ZARR_IO=1 (zarr's default codec pipeline), "
+        "'zarrs' = that plus zarr's configuration naming the zarrs codec "
+        "pipeline (zarrs must be installed); the environment is set for our "
+        "apply child only",
     )
     r.add_argument("--out", type=Path, default=DEFAULT_OUT)
     r.add_argument("--ftc-venv", type=Path, default=DEFAULT_FTC_VENV)
@@ -537,7 +559,7 @@ def run_plate(name, spec, table, args, pythons, run_dir, contenders):
         log(f"  note: {note}")
 
     # -- the timed apply runs --------------------------------------------
-    env_ours = {}
+    env_ours = dict(ZARR_IO_ENV[args.zarr_io])
     if args.cpus:
         env_ours["FRACTAL_TASKS_CPUS"] = str(args.cpus)
     # Our tasks size their thread pools from the CPU affinity (like a SLURM
@@ -807,6 +829,9 @@ def summarize(results, args) -> str:
         ]
     else:
         text += ["", "--cpus not given: every child may use all cores"]
+    if args.zarr_io != "files":
+        env = " ".join(f"{k}={v}" for k, v in ZARR_IO_ENV[args.zarr_io].items())
+        text += ["", f"--zarr-io {args.zarr_io}: our apply child ran with {env}"]
     text += ["", "reproduce with:", "  " + repro_command()]
     return "\n".join(text), headers, rows, ratio_lines
 
