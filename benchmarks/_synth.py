@@ -73,6 +73,7 @@ class SynthSpec:
     # each its own sample with its own shifts.
     # {"labels": "nuclei"}: a label image of that name in every image (the
     # nuclei of channel 0, at the acquisition's own place).
+    # {"ngff": "0.5"}: NGFF 0.5 (zarr v3) instead of 0.4 (zarr v2).
     extra: dict = field(default_factory=dict)
 
     def key(self) -> str:
@@ -109,6 +110,8 @@ class SynthSpec:
             text = f"{len(self.wells)} wells x {text}"
         if self.extra.get("labels"):
             text += f", labels {self.extra['labels']!r}"
+        if self.extra.get("ngff"):
+            text += f", NGFF {self.extra['ngff']}"
         return text
 
     def level0_bytes_per_image(self) -> int:
@@ -491,7 +494,7 @@ def _write_well(spec, sample, urls, chans, label_name, times):
             channels_meta=chans,
             dtype="uint16",
             chunks=spec.chunk_tuple(),
-            ngff_version="0.4",
+            ngff_version=spec.extra.get("ngff", "0.4"),
             overwrite=True,
         )
         spent = _fill(spec, oz.get_image(), sample.render_fov, a, order="linear")

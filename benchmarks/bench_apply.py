@@ -129,6 +129,12 @@ def parse_args(argv=None):
         "that loads each ROI whole needs memory growing with the well); with "
         "well_ROI_table every FOV of an acquisition gets the same shift",
     )
+    g.add_argument(
+        "--ngff",
+        choices=["0.4", "0.5"],
+        default="0.4",
+        help="NGFF version of the plates: 0.4 = zarr v2, 0.5 = zarr v3",
+    )
     g.add_argument("--acquisitions", type=int, default=3)
     g.add_argument("--levels", type=int, default=5)
     g.add_argument(
@@ -239,7 +245,7 @@ def plate_specs(args) -> list[tuple[str, SynthSpec, str]]:
                     n_z=1,
                     n_channels=pick(args.channels_2d, 3, 3),
                     **common,
-                    **_shift_kind(args.roi_table_2d),
+                    **_extra(args.roi_table_2d, args),
                 ),
                 args.roi_table_2d,
             )
@@ -251,7 +257,7 @@ def plate_specs(args) -> list[tuple[str, SynthSpec, str]]:
             n_z=pick(args.nz, 20, 4),
             n_channels=pick(args.channels_3d, 2, 2),
             **common,
-            **_shift_kind(args.roi_table_3d),
+            **_extra(args.roi_table_3d, args),
         )
         out.append(("3d", spec3, args.roi_table_3d))
         if args.grow:
@@ -265,9 +271,16 @@ def plate_specs(args) -> list[tuple[str, SynthSpec, str]]:
     return out
 
 
-def _shift_kind(table: str) -> dict:
-    """Registering the whole well assumes the well moved as one piece."""
-    return {"extra": {"shift": "per_well"}} if table == WELL_TABLE else {}
+def _extra(table: str, args) -> dict:
+    """SynthSpec.extra: the shift kind of the table, and a non-default NGFF.
+
+    Registering the whole well assumes the well moved as one piece. The NGFF
+    version is only named when it is not 0.4, so 0.4 plates keep their cache key.
+    """
+    extra = {"shift": "per_well"} if table == WELL_TABLE else {}
+    if args.ngff != "0.4":
+        extra["ngff"] = args.ngff
+    return {"extra": extra} if extra else {}
 
 
 # --------------------------------------------------------------------------
