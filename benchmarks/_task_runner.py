@@ -58,6 +58,17 @@ def _maxrss_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def _record_versions(result: dict) -> None:
+    """Versions of the libraries loaded so far, and zarr's codec pipeline."""
+    for name in ("ngio", "zarr", "zarrs", "dask", "numpy", "fractal_tasks_core"):
+        m = sys.modules.get(name)
+        if m is not None:
+            result["versions"][name] = getattr(m, "__version__", "?")
+    zarr = sys.modules.get("zarr")
+    if zarr is not None and hasattr(zarr, "config"):
+        result["zarr_codec_pipeline"] = zarr.config.get("codec_pipeline.path", None)
+
+
 def _jsonable(obj):
     try:
         json.dumps(obj)
@@ -145,10 +156,7 @@ def main(spec_path: str, result_path: str) -> int:
     try:
         for mod in spec.get("imports", []):
             importlib.import_module(mod)
-        for name in ("ngio", "zarr", "dask", "numpy", "fractal_tasks_core"):
-            m = sys.modules.get(name)
-            if m is not None:
-                result["versions"][name] = getattr(m, "__version__", "?")
+        _record_versions(result)
         result["import_seconds"] = time.perf_counter() - t_start
         result["maxrss_after_import_kb"] = _maxrss_kb()
         # Tell the parent that imports are over: from now on it counts the
@@ -161,6 +169,7 @@ def main(spec_path: str, result_path: str) -> int:
             result["task_seconds"] = time.perf_counter() - t0
     except BaseException:  # noqa: BLE001 - report everything to the parent
         result["error"] = traceback.format_exc()
+    _record_versions(result)  # zarr loads a configured codec pipeline lazily
     result["maxrss_end_kb"] = _maxrss_kb()
     result["children_maxrss_kb"] = resource.getrusage(
         resource.RUSAGE_CHILDREN

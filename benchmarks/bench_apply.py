@@ -74,6 +74,18 @@ CPU_PARAM_NAMES = (
     "n_threads",
     "threads",
 )
+# Environment of our apply child per --zarr-io. zarr reads ZARR_* variables
+# into its configuration when imported (donfig). zarrs is not made strict: it
+# cannot decode the string columns of anndata ROI tables, and strict would make
+# those reads fail instead of falling back to zarr's own pipeline.
+ZARR_IO_ENV = {
+    "files": {},
+    "zarr": {"FRACTAL_TASKS_ZARR_IO": "1"},
+    "zarrs": {
+        "FRACTAL_TASKS_ZARR_IO": "1",
+        "ZARR_CODEC_PIPELINE__PATH": "zarrs.ZarrsCodecPipeline",
+    },
+}
 LABELS = {
     "ours": "fractal_tasks (ours)",
     "ftc": "fractal-tasks-core 2.1",
@@ -124,6 +136,12 @@ def parse_args(argv=None):
         help="ROI table of the 3D plates (whole well: the case where a task "
         "that loads each ROI whole needs memory growing with the well); with "
         "well_ROI_table every FOV of an acquisition gets the same shift",
+    )
+    g.add_argument(
+        "--ngff",
+        choices=["0.4", "0.5"],
+        default="0.4",
+        help="NGFF version of the plates: 0.4 = zarr v2, 0.5 = zarr v3",
     )
     g.add_argument("--acquisitions", type=int, default=3)
     g.add_argument("--levels", type=int, default=5)
@@ -180,6 +198,16 @@ def parse_args(argv=None):
         action="store_true",
         help="with --cpus N: pin ftc and the plain copy to the same N cores too",
     )
+    r.add_argument(
+        "--zarr-io",
+        choices=sorted(ZARR_IO_ENV),
+        default="files",
+        help="chunk I/O of our apply: 'files' = our chunk files (default), "
+        "'zarr' = FRACTAL_TASKS_ZARR_IO=1 (zarr's default codec pipeline), "
+        "'zarrs' = that plus zarr's configuration naming the zarrs codec "
+        "pipeline (zarrs must be installed); the environment is set for our "
+        "apply child only",
+    )
     r.add_argument("--out", type=Path, default=DEFAULT_OUT)
     r.add_argument("--ftc-venv", type=Path, default=DEFAULT_FTC_VENV)
     r.add_argument(
@@ -225,7 +253,7 @@ def plate_specs(args) -> list[tuple[str, SynthSpec, str]]:
                     n_z=1,
                     n_channels=pick(args.channels_2d, 3, 3),
                     **common,
-                    **_shift_kind(args.roi_table_2d),
+                    **_plate_kind(args.roi_table_2d, args),
                 ),
                 args.roi_table_2d,
             )
@@ -237,7 +265,7 @@ def plate_specs(args) -> list[tuple[str, SynthSpec, str]]:
             n_z=pick(args.nz, 20, 4),
             n_channels=pick(args.channels_3d, 2, 2),
             **common,
-            **_shift_kind(args.roi_table_3d),
+            **_plate_kind(args.roi_table_3d, args),
         )
         out.append(("3d", spec3, args.roi_table_3d))
         if args.grow:
@@ -251,9 +279,12 @@ def plate_specs(args) -> list[tuple[str, SynthSpec, str]]:
     return out
 
 
-def _shift_kind(table: str) -> dict:
-    """Registering the whole well assumes the well moved as one piece."""
-    return {"shift_per_well": table == WELL_TABLE}
+def _plate_kind(table: str, args) -> dict:
+    """SynthSpec fields of the table's shift kind and of the NGFF version.
+
+    Registering the whole well assumes the well moved as one piece.
+    """
+    return {"shift_per_well": table == WELL_TABLE, "ngff_version": args.ngff}
 
 
 def parse_chunks(text: str) -> str | tuple[int, ...]:
@@ -552,7 +583,7 @@ def run_plate(name, spec, table, args, pythons, run_dir, contenders):
         log(f"  note: {note}")
 
     # -- the timed apply runs --------------------------------------------
-    env_ours = {}
+    env_ours = dict(ZARR_IO_ENV[args.zarr_io])
     if args.cpus:
         env_ours["FRACTAL_TASKS_CPUS"] = str(args.cpus)
     # Our tasks size their thread pools from the CPU affinity (like a SLURM
@@ -822,6 +853,9 @@ def summarize(results, args) -> str:
         ]
     else:
         text += ["", "--cpus not given: every child may use all cores"]
+    if args.zarr_io != "files":
+        env = " ".join(f"{k}={v}" for k, v in ZARR_IO_ENV[args.zarr_io].items())
+        text += ["", f"--zarr-io {args.zarr_io}: our apply child ran with {env}"]
     text += ["", "reproduce with:", "  " + repro_command()]
     return "\n".join(text), headers, rows, ratio_lines
 

@@ -7,7 +7,12 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, GzipCodec, ZstdCodec
 
 from fractal_tasks.writer.buffers import BufferPool
-from fractal_tasks.writer.chunk_io import ChunkAccess, ChunkFiles, chunk_access
+from fractal_tasks.writer.chunk_io import (
+    ZARR_IO_ENV,
+    ChunkAccess,
+    ChunkFiles,
+    chunk_access,
+)
 
 SHAPE, CHUNKS = (3, 21, 34), (2, 8, 10)
 
@@ -65,6 +70,12 @@ def test_written_chunks_read_back_through_zarr(tmp_path, layout):
         into = np.full(reader.chunks, 99, np.uint16)  # a reused, dirty buffer
         for got in (reader.read(index), reader.read(index, out=into)):
             np.testing.assert_array_equal(got, want[access.region(index)])
+
+
+@pytest.mark.parametrize("value, kind", [("1", ChunkAccess), ("0", ChunkFiles)])
+def test_env_switch_forces_the_zarr_path(tmp_path, monkeypatch, value, kind):
+    monkeypatch.setenv(ZARR_IO_ENV, value)
+    assert type(chunk_access(_array(tmp_path / "a", "v2-blosc"))) is kind
 
 
 def test_chunk_files_read_what_zarr_wrote(tmp_path):

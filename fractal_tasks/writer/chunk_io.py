@@ -11,6 +11,11 @@ native byte order), ``chunk_access`` returns ``ChunkFiles``: the chunk's file
 is read or written directly and decoded or encoded with numcodecs, exactly as
 zarr lays it out. Any other array gets ``ChunkAccess``, which goes through
 zarr itself; both give the same arrays on disk.
+
+Setting the environment variable ``FRACTAL_TASKS_ZARR_IO=1`` makes
+``chunk_access`` always return ``ChunkAccess``, so that when a user reports a
+problem our bytes can be told from zarr's bytes. zarr then uses whatever codec
+pipeline its own configuration names (e.g. ``ZARR_CODEC_PIPELINE__PATH``).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ Index = tuple[int, ...]
 
 _BLOSC_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 _BYTE_ORDER = {"little": "<", "big": ">"}
+ZARR_IO_ENV = "FRACTAL_TASKS_ZARR_IO"
 
 
 def grid_region(
@@ -143,7 +149,13 @@ class ChunkFiles(ChunkAccess):
 
 
 def chunk_access(array: zarr.Array) -> ChunkAccess:
-    """The fastest whole-chunk access that reproduces zarr's layout exactly."""
+    """The fastest whole-chunk access that reproduces zarr's layout exactly.
+
+    Always zarr's own path (``ChunkAccess``) if ``FRACTAL_TASKS_ZARR_IO`` is
+    set to anything but ``""`` or ``"0"``; read on every call.
+    """
+    if os.environ.get(ZARR_IO_ENV, "") not in ("", "0"):
+        return ChunkAccess(array)
     direct, codec = _direct_codec(array)
     return ChunkFiles(array, codec) if direct else ChunkAccess(array)
 
