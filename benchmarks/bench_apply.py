@@ -25,6 +25,7 @@ Run with the project venv, e.g.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import inspect
 import json
 import shutil
@@ -225,7 +226,10 @@ def parse_args(argv=None):
         help="seconds allowed per child process",
     )
     r.add_argument("--log-level", default="WARNING", help="log level inside the tasks")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.zarr_io == "zarrs" and importlib.util.find_spec("zarrs") is None:
+        p.error("--zarr-io zarrs needs the zarrs package: .venv/bin/pip install zarrs")
+    return args
 
 
 def plate_specs(args) -> list[tuple[str, SynthSpec, str]]:
