@@ -403,13 +403,19 @@ def apply_spec(
         return {
             "imports": [f"{OURS_PKG}.apply_registration_to_image"],
             "steps": [
+                # what the task's executable does first (Fractal runs the
+                # executable; the function alone leaves the allocator alone)
+                {
+                    "kind": "call",
+                    "func": f"{OURS_PKG}.writer.memory:return_freed_memory",
+                },
                 {
                     "kind": "each",
                     "func": f"{OURS_PKG}.apply_registration_to_image:"
                     "apply_registration_to_image",
                     "zarr_urls": urls,
                     "kwargs": kwargs,
-                }
+                },
             ],
             "log_level": args.log_level,
         }
