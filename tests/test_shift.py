@@ -397,3 +397,22 @@ def test_status_values() -> None:
     assert RegistrationStatus("fallback") is RegistrationStatus.FALLBACK
     assert RegistrationMethod("chi2_shift") is RegistrationMethod.CHI2_SHIFT
     assert RegistrationStatus.OK == "ok"
+
+
+@pytest.mark.parametrize("n", [20, 57, 128])
+def test_taper_is_scipys_tukey_and_moves_with_its_offset(n):
+    from scipy.signal.windows import tukey
+
+    from fractal_tasks.registration.shift import _ramp, _tukey, _window_at
+
+    ramp = _ramp(n)
+    np.testing.assert_allclose(
+        _tukey(n, ramp), tukey(n, 2 * ramp / (n - 1)), atol=1e-12
+    )
+    # moved by -2 px: the same values two samples earlier, zero past the end
+    moved = _window_at((n,), [2.0])
+    np.testing.assert_allclose(moved[:-2], _tukey(n, ramp)[2:], atol=1e-6)
+    assert not moved[-2:].any()
+    # a fractional offset samples the same curve in between
+    half = _window_at((n,), [0.5])
+    assert np.all(half[: ramp - 1] > _tukey(n, ramp)[: ramp - 1])
