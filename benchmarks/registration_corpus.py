@@ -121,8 +121,14 @@ def ours_group(cases: list[corpus.Case], repeats: int) -> list[dict]:
             t0 = time.perf_counter()
             try:
                 paths = list(LEVELS)[list(LEVELS).index(task_level(c)) :]
+                extra = {}
+                if "pixels" in inspect.signature(estimate_with_retry).parameters:
+                    # newer API: ROI size per level, for the retry's pixel budget
+                    extra["pixels"] = lambda path, c=c: int(
+                        np.prod(level_pair(c, path)[0].shape)
+                    )
                 est, levels[name] = estimate_with_retry(
-                    lambda path, c=c: level_pair(c, path), paths
+                    lambda path, c=c: level_pair(c, path), paths, **extra
                 )
             except Exception as err:  # noqa: BLE001
                 est, errors[name] = None, f"{type(err).__name__}: {err}"

@@ -56,8 +56,11 @@ def calculate_registration(
     (phase correlation with a window and a low-pass, refined around the
     peak). A ROI smaller than 32 px in y or x at `level_path` is read at
     the coarsest finer level where it is not, and a ROI whose estimate fails
-    its own evidence (below) is estimated once more one level finer, kept if
-    it passes there; the log says so. Time series (more than one time point)
+    its own evidence (below) is estimated at each finer level in turn until
+    one passes, and that estimate is kept; a finer level is read only while
+    the ROI there is at most 2**23 px (8.4 Mpx, a whole camera frame) per
+    image, so a failed whole-well ROI never reads the full-resolution well.
+    The log says so. Time series (more than one time point)
     are refused with an error.
 
     Each ROI then gets a verdict from the evidence of its own registration: a

@@ -247,3 +247,49 @@ def test_old_quality_columns_leave_the_roi_table(make_plate):
             "translation_y",
             "translation_z",
         ]
+
+
+def _retry_reads(passing_path, *, max_pixels):
+    """estimate_with_retry over levels 2, 1, 0 where only ``passing_path``
+    holds a match (64x64 px, the acquisition cut (-3, 5) px off the
+    reference); the others hold two unrelated noise images. Returns
+    (estimate, level kept, levels read)."""
+    from scipy import ndimage
+
+    from fractal_tasks.registration.calculate import estimate_with_retry
+
+    rng = np.random.default_rng(1)
+    texture = ndimage.gaussian_filter(rng.random((96, 96)), 2)
+    match = texture[16:80, 16:80], texture[13:77, 21:85]
+    noise = rng.random((64, 64)), rng.random((64, 64))
+    read = []
+
+    def read_pair(path):
+        read.append(path)
+        return match if path == passing_path else noise
+
+    estimate, path = estimate_with_retry(
+        read_pair,
+        ["2", "1", "0"],
+        pixels=lambda path: 64 * 64 * 4 ** (2 - int(path)),  # as if 2x per level
+        max_pixels=max_pixels,
+    )
+    return estimate, path, read
+
+
+def test_a_failed_roi_is_retried_at_each_finer_level_until_one_passes():
+    estimate, path, read = _retry_reads("0", max_pixels=10**6)
+    assert (path, read) == ("0", ["2", "1", "0"])
+    np.testing.assert_allclose(estimate.shift, [-3.0, 5.0], atol=0.05)
+    assert _retry_reads("1", max_pixels=10**6)[1:] == ("1", ["2", "1"])
+    assert _retry_reads("2", max_pixels=10**6)[1:] == ("2", ["2"])
+
+
+def test_the_retry_skips_a_level_where_the_roi_exceeds_the_pixel_budget():
+    """Level 0 would be 65536 px, over a budget of 20000: not read, and the
+    failed estimate of the ROI's own level is kept."""
+    from fractal_tasks.registration.shift import judge_estimate
+
+    estimate, path, read = _retry_reads("0", max_pixels=20_000)
+    assert (path, read) == ("2", ["2", "1"])
+    assert not judge_estimate(estimate).good

@@ -52,6 +52,14 @@ OUTLIER_FLOOR_PX = 3.0
 """Smallest outlier distance, in pixels of ``level_path`` (3 px at a 4x
 downsampled level is 12 level-0 px, about 4 µm at 0.33 µm/px)."""
 
+RETRY_MAX_PX = 2**23
+"""Largest ROI, in pixels (voxels in 3D) per image of the pair, read at a finer
+level when the estimate at the ROI's level fails its evidence. 2**23 (8.4 Mpx,
+67 MB per image as float64 before the FFTs) holds a whole sCMOS frame
+(2048x2048, 2160x2560, 2304x2304 px) at level 0, so a failed field of view can
+be retried down to full resolution; a whole-well ROI (10^8 px at level 0) or a
+3D stack at full resolution stops at the finest level where it fits."""
+
 QUALITY_COLUMNS = (
     "registration_status",
     "registration_note",
@@ -198,6 +206,10 @@ class LevelPair:
         reference, acquisition = (read(b) for read, b in zip(self.readers, boxes))
         return reference, acquisition
 
+    def pixels(self, rois: tuple[Roi, Roi]) -> int:
+        """Pixels (voxels in 3D) per image that :meth:`read` would read."""
+        return int(np.prod(crop_to_common(*self.boxes(rois))[0].shape))
+
 
 def open_level_pair(
     containers: tuple[OmeZarrContainer, OmeZarrContainer],
@@ -245,30 +257,44 @@ def _level_for(roi_boxes: Callable[[str], tuple[Box, Box]], paths: list[str]) ->
 def estimate_with_retry(
     read_pair: Callable[[str], tuple[np.ndarray, np.ndarray]],
     paths: Sequence[str],
+    *,
+    pixels: Callable[[str], int],
+    max_pixels: int = RETRY_MAX_PX,
     **options: Any,
 ) -> tuple[ShiftEstimate, str]:
-    """The estimate at ``paths[0]``, or one level finer when that one is better.
+    """The estimate at ``paths[0]``, or at the first finer level where it passes.
 
     When the estimate at ``paths[0]`` fails its own evidence (see
-    :func:`judge_estimate`) and a finer level ``paths[1]`` exists, the ROI is
-    estimated there too, and that estimate is kept if it passes: a lone cell
-    at a border, or an edge, may be too little at a 4x downsampled level and
-    enough at a 2x one. Only failed ROIs pay for the finer read.
+    :func:`judge_estimate`), the ROI is estimated at each finer level in turn
+    (``paths[1]``, ``paths[2]``, ...) until an estimate passes, and that one is
+    kept: a lone cell at a border, or an edge, may be too little at a 4x
+    downsampled level and enough at a 2x one or at full resolution. Only failed
+    ROIs pay for the finer reads, and a finer level is read only while the ROI
+    there is at most ``max_pixels`` per image. When no level passes, the
+    estimate at ``paths[0]`` is kept (and judged failed).
 
     Args:
         read_pair: Reads ``(reference, acquisition)`` pixels of the ROI at a
             level path.
         paths: Level paths, coarse to fine, starting at the ROI's level.
+        pixels: Pixels (voxels in 3D) of the ROI per image at a level path,
+            without reading them.
+        max_pixels: Largest ROI read at a finer level (see ``RETRY_MAX_PX``);
+            the ROI's own level ``paths[0]`` is always read.
         **options: Passed to :func:`estimate_shift`.
 
     Returns:
         The estimate kept and the path of its level.
     """
     estimate = estimate_shift(*read_pair(paths[0]), **options)
-    if len(paths) > 1 and not judge_estimate(estimate).good:
-        finer = estimate_shift(*read_pair(paths[1]), **options)
+    if judge_estimate(estimate).good:
+        return estimate, paths[0]
+    for path in paths[1:]:
+        if pixels(path) > max_pixels:
+            break  # finer levels are larger still
+        finer = estimate_shift(*read_pair(path), **options)
         if judge_estimate(finer).good:
-            return finer, paths[1]
+            return finer, path
     return estimate, paths[0]
 
 
@@ -298,7 +324,8 @@ def estimate_rois(
         level_path: Pyramid level to read. A ROI smaller than ``MIN_ROI_PX``
             in y or x there is read at the coarsest finer level where it is
             not (or at the finest level); a ROI whose estimate fails its own
-            evidence is tried once more one level finer (see
+            evidence is tried at each finer level in turn, while the ROI
+            there is at most ``RETRY_MAX_PX`` px, until one passes (see
             :func:`estimate_with_retry`). The log says so.
         method: See :class:`RegistrationMethod`.
         quantiles: Lower and upper rescale quantiles.
@@ -359,6 +386,7 @@ def estimate_rois(
         estimate, path = estimate_with_retry(
             lambda path: level(path).read(pairs[name]),
             finer[finer.index(chosen[name]) :],
+            pixels=lambda path: level(path).pixels(pairs[name]),
             method=method,
             lower_rescale_quantile=quantiles[0],
             upper_rescale_quantile=quantiles[1],
@@ -377,8 +405,8 @@ def estimate_rois(
     retried = sorted(n for n, e in estimates.items() if e.level_path != chosen[n])
     if retried:
         logger.info(
-            "ROI(s) %s gave no reliable match at their level; estimated one level "
-            "finer instead (level(s) %s).",
+            "ROI(s) %s gave no reliable match at their level; estimated at a finer "
+            "level instead (level(s) %s).",
             retried,
             sorted({estimates[n].level_path for n in retried}),
         )
