@@ -29,7 +29,6 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import sys
@@ -106,7 +105,11 @@ def ours_group(cases: list[corpus.Case], repeats: int) -> list[dict]:
     Returns per case: ``raw`` (level-0 px, the estimate), ``final`` (level-0
     px, the translation after judging), ``status``, ``note``, ``seconds``.
     """
-    from fractal_tasks.registration.calculate import estimate_with_retry, judge  # noqa: PLC0415
+    from fractal_tasks.registration.calculate import (  # noqa: PLC0415
+        RoiEstimate,
+        estimate_with_retry,
+        judge,
+    )
 
     levels = {}
 
@@ -121,14 +124,10 @@ def ours_group(cases: list[corpus.Case], repeats: int) -> list[dict]:
             t0 = time.perf_counter()
             try:
                 paths = list(LEVELS)[list(LEVELS).index(task_level(c)) :]
-                extra = {}
-                if "pixels" in inspect.signature(estimate_with_retry).parameters:
-                    # newer API: ROI size per level, for the retry's pixel budget
-                    extra["pixels"] = lambda path, c=c: int(
-                        np.prod(level_pair(c, path)[0].shape)
-                    )
                 est, levels[name] = estimate_with_retry(
-                    lambda path, c=c: level_pair(c, path), paths, **extra
+                    lambda path, c=c: level_pair(c, path),
+                    paths,
+                    pixels=lambda path, c=c: level_pair(c, path)[0].size,
                 )
             except Exception as err:  # noqa: BLE001
                 est, errors[name] = None, f"{type(err).__name__}: {err}"
@@ -148,27 +147,21 @@ def ours_group(cases: list[corpus.Case], repeats: int) -> list[dict]:
             zarr_url=f"corpus:{cases[0].plate}/{cases[0].acquisition}",
         )
         sizes = {k: roi_size_um[k] for k in estimates}
-        if "level0_pixel_um" in inspect.signature(judge).parameters:
-            # newer API: estimates wrapped with their level, level-0 pixel size
-            from fractal_tasks.registration.calculate import RoiEstimate  # noqa: PLC0415
-
-            wrapped = {
-                k: RoiEstimate(
-                    estimate=e,
-                    level_path=levels[k],
-                    pixel_um={
-                        a: float(p) / scale(ndim)[-1] * LEVELS[levels[k]]
-                        if a != "z"
-                        else float(p)
-                        for a, p in pixel_um.items()
-                    },
-                )
-                for k, e in estimates.items()
-            }
-            level0 = {a: 1.0 for a in axes}
-            judged = judge(wrapped, pixel_um, level0, sizes, **common)
-        else:
-            judged = judge(estimates, pixel_um, sizes, **common)
+        wrapped = {
+            k: RoiEstimate(
+                estimate=e,
+                level_path=levels[k],
+                pixel_um={
+                    a: float(p) / scale(ndim)[-1] * LEVELS[levels[k]]
+                    if a != "z"
+                    else float(p)
+                    for a, p in pixel_um.items()
+                },
+            )
+            for k, e in estimates.items()
+        }
+        level0 = {a: 1.0 for a in axes}
+        judged = judge(wrapped, pixel_um, level0, sizes, **common)
         results = {r.name: r for r in judged}
     out = []
     for c in cases:
