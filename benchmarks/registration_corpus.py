@@ -128,7 +128,8 @@ def ours_group(cases: list[corpus.Case], repeats: int) -> list[dict]:
                 est, levels[name] = estimate_with_retry(
                     lambda path, c=c: level_pair(c, path),
                     paths,
-                    pixels=lambda path, c=c: level_pair(c, path)[0].size,
+                    # sized without making the level, as LevelPair.pixels does
+                    pixels=lambda path, c=c: int(c.reference.size / LEVELS[path] ** 2),
                 )
             except Exception as err:  # noqa: BLE001
                 est, errors[name] = None, f"{type(err).__name__}: {err}"
