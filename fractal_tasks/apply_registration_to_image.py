@@ -70,10 +70,10 @@ def apply_registration_to_image(
         overwrite_input=overwrite_input,
     )
     logger.info(
-        "Reference image %s; %d ROI window(s); label(s) %s.",
+        "Reference image %s; %d ROI window(s); label(s) registered: %s.",
         plan.reference_url,
-        len(plan.image_pairs),
-        sorted(plan.label_pairs),
+        len(plan.multiscales[0].pairs),
+        plan.labels,
     )
     write_registered(plan, workers=available_cpus())
     return commit(plan)

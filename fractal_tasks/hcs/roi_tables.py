@@ -23,6 +23,10 @@ from fractal_tasks.writer.swap import replace_directory
 
 TRANSLATION_COLUMNS = {axis: f"translation_{axis}" for axis in SPATIAL_AXES}
 
+ZARR_V3_CONSOLIDATED_WARNING = "Consolidated metadata is currently not part"
+"""The start of zarr's warning on every zarr v3 group whose metadata is
+consolidated (anndata does it for each table, a writer may for a plate)."""
+
 
 def load_rois(container: OmeZarrContainer, table: str, zarr_url: str) -> list[Roi]:
     """All ROIs of a ROI (or masking ROI) table, validated.
@@ -214,6 +218,10 @@ def save_table(
             "ignore",
             message="Writing zarr v2 data will no longer be the default",
             category=UserWarning,
+        )
+        # and zarr, on every NGFF 0.5 table that anndata consolidates
+        warnings.filterwarnings(
+            "ignore", ZARR_V3_CONSOLIDATED_WARNING, category=UserWarning
         )
         if name not in container.list_tables() or not folder.is_dir():
             container.add_table(name, table, backend=backend, overwrite=True)

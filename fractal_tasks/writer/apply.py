@@ -1,10 +1,13 @@
 """Write the registered image of one acquisition, then put it in place safely.
 
-Everything is checked before anything is written. The new image is built in a
-scratch directory next to the input (``<image>.registering``); only when it is
-complete does it replace its destination, atomically (``writer.swap``). A run that
-is killed leaves the user's image untouched and a scratch directory that the
-next run deletes.
+Everything is checked before anything is written, and the input is only ever
+opened read-only. The new image is built in a scratch directory next to the
+input (``<image>.registering``): a copy of the input's folder in which the
+image's and the labels' arrays start empty with their own metadata
+(``writer.image_tree``), then receive the registered pixels. Only when it is
+complete does it replace its destination (``writer.swap``). A run that is
+killed or fails leaves the user's image untouched; a failed run removes its
+scratch directory, a killed run's is deleted by the next run.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import zarr
-from ngio import OmeZarrContainer, open_ome_zarr_container
+from ngio import OmeZarrContainer, open_image, open_label, open_ome_zarr_container
 from ngio.tables import ConditionTable, FeatureTable
 from ngio.utils import NgioValueError
 
 import fractal_tasks
 from fractal_tasks.hcs.errors import MISSING_OR_MALFORMED, RegistrationInputError
+from fractal_tasks.hcs.labels import label_names, open_label_levels
 from fractal_tasks.hcs.roi_tables import (
     load_paired_rois,
     slices_um,
@@ -41,6 +45,7 @@ from fractal_tasks.registration.geometry import (
     ImageGeometry,
     window_pair,
 )
+from fractal_tasks.writer.image_tree import copy_skeleton, refresh_consolidated_metadata
 from fractal_tasks.writer.pyramid import Aggregation, WindowPair, write_windows
 from fractal_tasks.writer.swap import recover, replace_directory
 
@@ -49,6 +54,21 @@ logger = logging.getLogger(__name__)
 PROVENANCE_KEY = "fractal_tasks_registration"
 SCRATCH_SUFFIX = ".registering"
 REGISTERED_SUFFIX = "_registered"
+
+
+@dataclass(frozen=True)
+class Multiscale:
+    """One multiscale image to register: the intensities, or one label image."""
+
+    path: str  # its folder inside the image: "" for the image, "labels/<name>"
+    levels: list  # ngio images of the input's levels, finest first (read-only)
+    factors: list[tuple[int, ...]] | None  # per level step; None: not integral
+    pairs: list[WindowPair]
+    kind: Aggregation
+
+    def array_paths(self) -> list[str]:
+        """The level arrays' folders inside the image."""
+        return [f"{self.path}/{level.path}".lstrip("/") for level in self.levels]
 
 
 @dataclass(frozen=True)
@@ -63,10 +83,15 @@ class ApplyPlan:
     registered_roi_table: str
     acquisition: OmeZarrContainer
     reference: OmeZarrContainer
-    image_pairs: list[WindowPair]
-    label_pairs: dict[str, list[WindowPair]]
+    multiscales: list[Multiscale]  # the image first, then its registered labels
+    left_out: frozenset[str]  # folders of the input that the output drops
     tables: dict[str, str]  # table name -> URL of the image it is copied from
     overwrite_input: bool
+
+    @property
+    def labels(self) -> list[str]:
+        """Names of the label images registered."""
+        return [m.path.split("/", 1)[1] for m in self.multiscales[1:]]
 
     @property
     def scratch(self) -> Path:
@@ -104,11 +129,13 @@ def _pairs(
 def _read_tables(plan_acq, plan_ref, acq_url, ref_url) -> dict[str, str]:
     """Which image each table is copied from, every table checked readable.
 
-    ROI tables come from the reference, every other table from the acquisition.
+    The reference's ROI tables come from the reference (the image is now in its
+    frame); every other table, including a ROI table the reference lacks, is
+    the acquisition's, carried over as it is.
     """
     tables: dict[str, str] = {}
     sources = [(name, plan_ref, ref_url) for name in _roi_tables(plan_ref, ref_url)]
-    skip = {name for name, _, _ in sources} | set(_roi_tables(plan_acq, acq_url))
+    skip = {name for name, _, _ in sources}
     sources += [
         (name, plan_acq, acq_url) for name in plan_acq.list_tables() if name not in skip
     ]
@@ -186,7 +213,8 @@ def plan_apply(
     ref_rois, acq_rois = load_paired_rois(
         reference, acquisition, registered_roi_table, reference_url, zarr_url
     )
-    geometry = spatial_geometry(acquisition.get_image())
+    image_levels = _image_levels(acquisition, zarr_url)
+    geometry = spatial_geometry(image_levels[0])
     ref_geometry = spatial_geometry(reference.get_image())
     if geometry != ref_geometry:
         raise RegistrationInputError(
@@ -195,19 +223,42 @@ def plan_apply(
             "Registration only shifts images of the same grid; resample or crop "
             "the acquisitions to the reference first."
         )
-    image_pairs = _pairs(acq_rois, ref_rois, geometry, f"image {zarr_url!r}")
-    label_pairs = {}
+    multiscales = [
+        _multiscale(
+            "",
+            image_levels,
+            _pairs(acq_rois, ref_rois, geometry, f"image {zarr_url!r}"),
+            "mean",
+            f"image {zarr_url!r}",
+        )
+    ]
+    labels = label_names(zarr_url)
+    left_out: set[str] = set()
     if register_labels:
-        for name in acquisition.list_labels():
-            label = acquisition.get_label(name)
-            label_geometry = spatial_geometry(label)
+        for name in labels:
+            what = f"label {name!r} of {zarr_url!r}"
+            levels = open_label_levels(zarr_url, name)
+            label_geometry = spatial_geometry(levels[0])
             _require_same_extent(label_geometry, geometry, name, zarr_url)
-            label_pairs[name] = _pairs(
-                acq_rois, ref_rois, label_geometry, f"label {name!r} of {zarr_url!r}"
+            pairs = _pairs(acq_rois, ref_rois, label_geometry, what)
+            multiscales.append(
+                _multiscale(f"labels/{name}", levels, pairs, "nearest", what)
             )
+    elif labels:
+        if overwrite_input:
+            raise RegistrationInputError(
+                f"register_labels=False would drop the label image(s) {labels} of "
+                f"{zarr_url!r}: the registered image replaces the input "
+                "(overwrite_input=True), and labels that are not registered no "
+                "longer match it. Set register_labels=True, or overwrite_input="
+                "False to write the registered image next to the input, which "
+                "keeps its labels."
+            )
+        left_out.add("labels")
     if not overwrite_input and destination.exists():
         _require_ours(destination)
     tables = _read_tables(acquisition, reference, zarr_url, reference_url)
+    left_out.update(f"tables/{name}" for name, url in tables.items() if url != zarr_url)
     return ApplyPlan(
         zarr_url=zarr_url,
         reference_url=reference_url,
@@ -217,21 +268,63 @@ def plan_apply(
         registered_roi_table=registered_roi_table,
         acquisition=acquisition,
         reference=reference,
-        image_pairs=image_pairs,
-        label_pairs=label_pairs,
+        multiscales=multiscales,
+        left_out=frozenset(left_out),
         tables=tables,
         overwrite_input=overwrite_input,
     )
 
 
 def _open(url: str) -> OmeZarrContainer:
+    """Open an image read-only: the input changes only by the final replace."""
     try:
-        return open_ome_zarr_container(url)
+        return open_ome_zarr_container(url, mode="r")
     except MISSING_OR_MALFORMED as error:
         raise RegistrationInputError(
             f"Cannot open OME-Zarr image {url!r}: {error}. Check that it exists "
             "and is a valid OME-Zarr image."
         ) from error
+
+
+def _image_levels(container: OmeZarrContainer, url: str) -> list:
+    """Every pyramid level of the image, finest first.
+
+    Raises:
+        RegistrationInputError: If a level the metadata lists is missing.
+    """
+    levels = []
+    for path in container.level_paths:
+        try:
+            levels.append(container.get_image(path=path))
+        except MISSING_OR_MALFORMED as error:
+            raise RegistrationInputError(
+                f"Level {path!r} of image {url!r} is listed in its metadata but "
+                f"cannot be opened ({error}). Re-create the image's pyramid, or "
+                "re-convert the image."
+            ) from error
+    return levels
+
+
+def _multiscale(
+    path: str, levels: list, pairs: list[WindowPair], kind: Aggregation, what: str
+) -> Multiscale:
+    """A multiscale image to register, its levels checked for an empty start.
+
+    Raises:
+        RegistrationInputError: If a level's fill value is not zero: its
+            unwritten chunks, which the writer leaves for all-zero parts,
+            would then not read as zero.
+    """
+    for level in levels:
+        fill = level.zarr_array.fill_value
+        if fill is None or fill != 0:
+            raise RegistrationInputError(
+                f"Level {level.path!r} of {what} has fill value {fill!r}; "
+                "registration writes only the chunks that hold data and needs "
+                "unwritten chunks to read as 0. Re-write the array with "
+                "fill_value=0."
+            )
+    return Multiscale(path, levels, _level_factors(levels), pairs, kind)
 
 
 def _require_same_extent(
@@ -264,11 +357,14 @@ def _require_ours(destination: Path) -> None:
         )
 
 
-def _levels(container: OmeZarrContainer, getter) -> tuple[list, list]:
-    """Arrays of every level, and the integer factor per axis between levels."""
-    images = [getter(path) for path in container.level_paths]
+def _level_factors(levels: list) -> list[tuple[int, ...]] | None:
+    """The integer factor per axis between consecutive levels, None if not integral.
+
+    Taken from the levels' own pixel sizes, so that a label's pyramid follows
+    the label, not the image.
+    """
     factors = []
-    for above, below in zip(images, images[1:]):
+    for above, below in zip(levels, levels[1:]):
         step = []
         for axis, n_above, n_below in zip(above.axes, above.shape, below.shape):
             if axis not in SPATIAL_AXES:
@@ -279,112 +375,138 @@ def _levels(container: OmeZarrContainer, getter) -> tuple[list, list]:
                 abs(ratio - round(ratio)) > 1e-6
                 or -(-n_above // round(ratio)) < n_below
             ):
-                return [i.zarr_array for i in images], []
+                return None
             step.append(round(ratio))
         factors.append(tuple(step))
-    return [i.zarr_array for i in images], factors
+    return factors
 
 
-def _write(source, target_container, getter, pairs, kind: Aggregation, workers) -> None:
-    """Write windows and pyramid of one image or label into its new container."""
-    arrays, factors = _levels(target_container, getter)
-    first = getter(target_container.level_paths[0])
-    if len(factors) == len(arrays) - 1:
+def _write(multiscale: Multiscale, scratch: Path, workers: int) -> None:
+    """Write windows and pyramid of one image or label into the scratch copy."""
+    targets = [
+        zarr.open_array(str(scratch / path), mode="r+")
+        for path in multiscale.array_paths()
+    ]
+    source = multiscale.levels[0]
+    axes = source.axes
+    if multiscale.factors is not None:
         write_windows(
-            source, arrays, first.axes, pairs, factors, kind=kind, workers=workers
+            source.zarr_array,
+            targets,
+            axes,
+            multiscale.pairs,
+            multiscale.factors,
+            kind=multiscale.kind,
+            workers=workers,
         )
         return
     # Pyramid steps that are not whole factors: let ngio interpolate them.
-    write_windows(source, arrays[:1], first.axes, pairs, [], kind=kind, workers=workers)
-    if kind == "mean":
-        first.consolidate(order="linear", mode="auto")
+    write_windows(
+        source.zarr_array,
+        targets[:1],
+        axes,
+        multiscale.pairs,
+        [],
+        kind=multiscale.kind,
+        workers=workers,
+    )
+    if multiscale.kind == "mean":
+        new = open_image(str(scratch), path=source.path)
+        new.consolidate(order="linear", mode="auto")
     else:
-        first.consolidate(mode="auto")
+        open_label(str(scratch / multiscale.path), path=source.path).consolidate(
+            mode="auto"
+        )
 
 
 def _copy_tables(plan: ApplyPlan, scratch: Path) -> None:
-    """Copy the tables' folders byte for byte, and list them in the new image.
+    """Copy the reference's tables' folders byte for byte, and list every table.
 
     A folder copy keeps every column, dtype and backend exactly, and costs far
-    less than decoding and re-encoding each table.
+    less than decoding and re-encoding each table. The acquisition's own
+    tables came with the rest of its folder.
     """
-    if not plan.tables:
+    from_reference = [n for n, url in plan.tables.items() if url != plan.zarr_url]
+    if not from_reference:
         return
+    folder = scratch / "tables"
     version = zarr.open_group(str(scratch), mode="r").metadata.zarr_format
-    group = zarr.open_group(str(scratch / "tables"), mode="a", zarr_format=version)
-    for name, source_url in plan.tables.items():
-        shutil.copytree(Path(source_url, "tables", name), scratch / "tables" / name)
-    group.attrs["tables"] = list(plan.tables)
+    group = zarr.open_group(str(folder), mode="a", zarr_format=version)
+    for name in from_reference:
+        shutil.copytree(Path(plan.reference_url, "tables", name), folder / name)
+    found = group.attrs.get("tables", [])
+    listed = [str(n) for n in found] if isinstance(found, list) else []
+    missing = [name for name in plan.tables if name not in listed]
+    if missing:
+        group.attrs["tables"] = listed + missing
 
 
 def write_registered(plan: ApplyPlan, workers: int) -> None:
-    """Build the registered image in the plan's scratch directory."""
+    """Build the registered image in the plan's scratch directory.
+
+    On any error the scratch directory is removed before the error passes on.
+    """
     scratch = plan.scratch
     shutil.rmtree(scratch, ignore_errors=True)  # leftover of a killed run
-    started = time.perf_counter()
-    new = plan.acquisition.derive_image(str(scratch), overwrite=True)
-    # Tables are small files: copy them while the pixels are written.
-    with ThreadPoolExecutor(1) as background:
-        tables = background.submit(_copy_tables, plan, scratch)
-        _write_pixels(plan, new, workers, started)
-        tables.result()
-    logger.info("Copied %d table(s): %s.", len(plan.tables), sorted(plan.tables))
-    zarr.open_group(str(scratch), mode="r+").attrs[PROVENANCE_KEY] = {
-        "source": plan.image_path,
-        "reference": plan.reference_url.rsplit("/", 1)[-1],
-        "registered_roi_table": plan.registered_roi_table,
-        "version": fractal_tasks.__version__,
-    }
+    emptied = [path for m in plan.multiscales for path in m.array_paths()]
+    try:
+        copy_skeleton(Path(plan.zarr_url), scratch, emptied, plan.left_out)
+        # Tables are small files: copy them while the pixels are written.
+        with ThreadPoolExecutor(1) as background:
+            tables = background.submit(_copy_tables, plan, scratch)
+            _write_pixels(plan, scratch, workers)
+            tables.result()
+        logger.info("Copied %d table(s): %s.", len(plan.tables), sorted(plan.tables))
+        zarr.open_group(str(scratch), mode="r+").attrs[PROVENANCE_KEY] = {
+            "source": plan.image_path,
+            "reference": plan.reference_url.rsplit("/", 1)[-1],
+            "registered_roi_table": plan.registered_roi_table,
+            "version": fractal_tasks.__version__,
+        }
+        refresh_consolidated_metadata(scratch)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
 
 
-def _write_pixels(
-    plan: ApplyPlan, new: OmeZarrContainer, workers: int, started: float
-) -> None:
-    """Write the registered image and labels into the new container."""
-    source = plan.acquisition.get_image()
-    _write(
-        source.zarr_array,
-        new,
-        lambda path: new.get_image(path=path),
-        plan.image_pairs,
-        "mean",
-        workers,
-    )
-    logger.info(
-        "Wrote %d window(s) of %s and its %d-level pyramid in %.2f s.",
-        len(plan.image_pairs),
-        plan.zarr_url,
-        len(new.level_paths),
-        time.perf_counter() - started,
-    )
-    for name, pairs in plan.label_pairs.items():
+def _write_pixels(plan: ApplyPlan, scratch: Path, workers: int) -> None:
+    """Write the registered image and labels into the scratch copy."""
+    for multiscale in plan.multiscales:
         started = time.perf_counter()
-        label = plan.acquisition.get_label(name)
-        new.derive_label(name, ref_image=label, overwrite=True)
-        _write(
-            label.zarr_array,
-            new,
-            lambda path, name=name: new.get_label(name, path=path),
-            pairs,
-            "nearest",
-            workers,
-        )
+        _write(multiscale, scratch, workers)
         logger.info(
-            "Registered label %s in %.2f s.", name, time.perf_counter() - started
+            "Wrote %d window(s) of %s and its %d-level pyramid in %.2f s.",
+            len(multiscale.pairs),
+            f"{plan.zarr_url}/{multiscale.path}".rstrip("/"),
+            len(multiscale.levels),
+            time.perf_counter() - started,
         )
 
 
 def commit(plan: ApplyPlan) -> dict:
-    """Put the registered image in place and report it to Fractal."""
+    """Put the registered image in place and report it to Fractal.
+
+    Consolidated metadata of the well, its row and the plate (where a writer
+    kept it) is refreshed afterwards, so that readers trusting it see the new
+    image.
+    """
     replace_directory(plan.scratch, plan.destination)
     logger.info("Registered image in place at %s.", plan.destination)
     if plan.overwrite_input:
-        return {"image_list_updates": [{"zarr_url": plan.zarr_url}]}
-    new_path = plan.destination.name
-    well = open_well(plan.well_url)
-    acquisition = acquisition_of(well, plan.well_url, plan.image_path)
-    if add_image_to_well(plan.well_url, new_path, acquisition):
-        logger.info("Added %s to the metadata of well %s.", new_path, plan.well_url)
-    return {
-        "image_list_updates": [{"zarr_url": plan.output_url, "origin": plan.zarr_url}]
-    }
+        updates = {"image_list_updates": [{"zarr_url": plan.zarr_url}]}
+    else:
+        new_path = plan.destination.name
+        well = open_well(plan.well_url)
+        acquisition = acquisition_of(well, plan.well_url, plan.image_path)
+        if add_image_to_well(plan.well_url, new_path, acquisition):
+            logger.info("Added %s to the metadata of well %s.", new_path, plan.well_url)
+        updates = {
+            "image_list_updates": [
+                {"zarr_url": plan.output_url, "origin": plan.zarr_url}
+            ]
+        }
+    well_folder = Path(plan.well_url)
+    for group in (well_folder, well_folder.parent, well_folder.parent.parent):
+        if refresh_consolidated_metadata(group):
+            logger.info("Refreshed the consolidated metadata of %s.", group)
+    return updates
