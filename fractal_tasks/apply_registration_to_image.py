@@ -24,16 +24,21 @@ def apply_registration_to_image(
 
     For each ROI of `registered_roi_table`, the acquisition's window is copied
     to the reference's window of the same ROI name; pixels outside every window
-    are zero. The pyramid is rebuilt: 2x2 mean for intensities, nearest (first
-    pixel) for labels, whose values are preserved exactly. Labels are
-    registered the same way (if `register_labels`). ROI tables are copied from
-    the reference (the image is now in its frame); other tables are copied from
-    the acquisition unchanged: feature and condition tables as they are, and
-    any other table with a warning (coordinates in it do not follow the
-    registration).
+    are zero. Every label image the image's `labels` group lists is registered
+    the same way, whatever wrote it. The pyramid is rebuilt on the input's own
+    levels (a label's on its own, which may have more or fewer levels than the
+    image): 2x2 mean for intensities, nearest (first pixel) for labels, whose
+    values are preserved exactly. ROI tables are copied from the reference
+    (the image is now in its frame); other tables from the acquisition
+    unchanged: feature and condition tables as they are, and any other table
+    with a warning (coordinates in it do not follow the registration).
+    Everything else in the image's folder (metadata such as `omero` and the
+    coordinate transformations, chunks, shards and codecs of every array,
+    groups the task does not know) is carried over byte for byte; consolidated
+    metadata is refreshed where it existed.
 
-    The new image is built next to the input and put in place in one atomic
-    step only once complete: a killed run leaves the input as it was. With
+    The input is only read; the new image is built next to it and put in place
+    only once complete: a killed or failed run leaves the input as it was. With
     `overwrite_input=False`, `<image>_registered` is added to the well metadata
     (once, under ngio's lock); an existing `<image>_registered` that this task
     did not write is never replaced (the task fails instead).
@@ -47,6 +52,9 @@ def apply_registration_to_image(
         reference_acquisition: Acquisition id (from the well metadata) of the
             reference the images were registered onto.
         register_labels: Also register every label image of the acquisition.
+            If False, the labels are not written into the registered image; as
+            they would then be lost, the task refuses to run with
+            `overwrite_input=True` on an image that has labels.
         overwrite_input: Replace the input image by the registered one. If
             False, write `<image>_registered` next to it instead.
 
