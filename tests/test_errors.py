@@ -4,7 +4,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from _workflow import calculate, consensus, urls_of
+from _workflow import calculate, consensus, set_pixel_size, urls_of
 from ngio import open_ome_zarr_container
 
 from fractal_tasks.apply_registration_to_image import apply_registration_to_image
@@ -312,6 +312,29 @@ def test_pixel_sizes_differ(make_plate):
         "Pixel sizes differ.*resample",
         lambda: calculate_registration(**calc_args(plate)),
     )
+
+
+@pytest.mark.parametrize("task", ["calculate", "consensus", "apply"])
+def test_pixel_sizes_truly_differ(make_plate, task):
+    # 0.65 vs 0.66 µm is a real difference, at every step that compares them
+    plate = make_plate()
+    urls = urls_of(plate)
+    steps = ["calculate", "consensus", "apply"]
+    if steps.index(task) > 0:
+        calculate(plate)
+    if steps.index(task) > 1:
+        consensus(plate)
+    set_pixel_size(urls[1], lambda s: s * 0.66 / 0.65)
+    calls = {
+        "calculate": lambda: calculate_registration(**calc_args(plate)),
+        "consensus": lambda: find_consensus(
+            zarr_url=urls[0], init_args={"zarr_url_list": urls}
+        ),
+        "apply": lambda: apply_registration_to_image(
+            zarr_url=urls[1], registered_roi_table="FOV_ROI_table_registered"
+        ),
+    }
+    raises_unchanged(plate, "0.65[,}'].*0.66[,}']|0.66[,}'].*0.65[,}']", calls[task])
 
 
 def test_time_series_is_refused(make_plate):

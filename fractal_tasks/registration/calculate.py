@@ -31,6 +31,7 @@ from fractal_tasks.registration.geometry import (
     ImageGeometry,
     crop_to_common,
     roi_box,
+    same_pixel_size,
 )
 from fractal_tasks.registration.shift import (
     RegistrationMethod,
@@ -235,7 +236,7 @@ def open_level_pair(
         for image, channel, url in zip(images, channels, urls)
     )
     geometries = tuple(spatial_geometry(image) for image in images)
-    if geometries[0].pixel_um != geometries[1].pixel_um:
+    if not same_pixel_size(geometries[0].pixel_um, geometries[1].pixel_um):
         raise RegistrationInputError(
             f"Pixel sizes differ at level {path}: reference "
             f"{geometries[0].pixel_um} µm, acquisition {geometries[1].pixel_um} "

@@ -39,6 +39,8 @@ from fractal_tasks.hcs.wells import (
 from fractal_tasks.registration.geometry import (
     SPATIAL_AXES,
     ImageGeometry,
+    at_most,
+    same_value,
     window_pair,
 )
 from fractal_tasks.writer.pyramid import Aggregation, WindowPair, write_windows
@@ -188,7 +190,7 @@ def plan_apply(
     )
     geometry = spatial_geometry(acquisition.get_image())
     ref_geometry = spatial_geometry(reference.get_image())
-    if geometry != ref_geometry:
+    if not geometry.same_grid(ref_geometry):
         raise RegistrationInputError(
             f"{zarr_url!r} (pixel µm, shape {geometry}) and its reference "
             f"{reference_url!r} ({ref_geometry}) differ in pixel size or shape. "
@@ -241,7 +243,7 @@ def _require_same_extent(
     label_um = {a: n * label.pixel_um[a] for a, n in label.shape.items()}
     image_um = {a: n * image.pixel_um[a] for a, n in image.shape.items()}
     if set(label_um) != set(image_um) or any(
-        abs(label_um[a] - image_um[a]) > label.pixel_um[a] for a in label_um
+        not at_most(abs(label_um[a] - image_um[a]), label.pixel_um[a]) for a in label_um
     ):
         raise RegistrationInputError(
             f"Label {name!r} of {url!r} covers {label_um} µm but its image covers "
@@ -276,7 +278,7 @@ def _levels(container: OmeZarrContainer, getter) -> tuple[list, list]:
                 continue
             ratio = getattr(below.pixel_size, axis) / getattr(above.pixel_size, axis)
             if (
-                abs(ratio - round(ratio)) > 1e-6
+                not same_value(ratio, round(ratio))
                 or -(-n_above // round(ratio)) < n_below
             ):
                 return [i.zarr_array for i in images], []
