@@ -3,11 +3,11 @@
 import logging
 from typing import Annotated
 
-from ngio import open_ome_zarr_container
 from pydantic import Field, validate_call
 
 from fractal_tasks.hcs.cpus import available_cpus
 from fractal_tasks.hcs.errors import RegistrationInputError
+from fractal_tasks.hcs.images import open_image
 from fractal_tasks.hcs.models import InitArgsRegistration
 from fractal_tasks.hcs.roi_tables import (
     load_paired_rois,
@@ -141,8 +141,8 @@ def calculate_registration(
         level_path,
         method.value,
     )
-    reference = open_ome_zarr_container(reference_url)
-    acquisition = open_ome_zarr_container(zarr_url)
+    reference = open_image(reference_url)
+    acquisition = open_image(zarr_url)
     reference_rois, acquisition_rois = load_paired_rois(
         reference, acquisition, input_roi_table, reference_url, zarr_url
     )

@@ -445,3 +445,69 @@ def test_image_outside_an_hcs_well(tmp_path):
             zarr_url=str(lone), registered_roi_table="FOV_ROI_table_registered"
         )
     assert tree_hash(lone.parent) == before
+
+
+@pytest.mark.parametrize(
+    "version, zarr_io", [("0.4", False), ("0.5", False), ("0.5", True)]
+)
+@pytest.mark.parametrize("overwrite_input", [True, False])
+def test_truncated_chunk_file_stops_apply(
+    make_plate, monkeypatch, version, zarr_io, overwrite_input
+):
+    import re
+
+    import zarr
+
+    from fractal_tasks.writer.chunk_io import ZARR_IO_ENV, chunk_file
+
+    plate = make_plate(ngff_version=version)
+    calculate(plate)
+    consensus(plate)
+    url = urls_of(plate)[1]
+    array = zarr.open_array(f"{url}/0", mode="r")
+    file = Path(chunk_file(array, (0,) * array.ndim))
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    if zarr_io:
+        monkeypatch.setenv(ZARR_IO_ENV, "1")
+    raises_unchanged(
+        plate,
+        f"{re.escape(repr(str(file)))}.*Re-create or re-convert the image",
+        lambda: apply_registration_to_image(
+            zarr_url=url,
+            registered_roi_table="FOV_ROI_table_registered",
+            overwrite_input=overwrite_input,
+        ),
+    )
+    well = Path(url).parent
+    assert sorted(p.name for p in well.iterdir() if p.is_dir()) == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize("missing", ["2", "labels/nuclei/0"])
+def test_missing_pyramid_level(make_plate, missing):
+    import shutil
+
+    plate = make_plate()
+    calculate(plate)
+    consensus(plate)
+    url = urls_of(plate)[1]
+    shutil.rmtree(Path(url, missing))
+    broken = url if missing == "2" else f"{url}/labels/nuclei"
+    match = f"'{broken}' lacks a pyramid level.*Re-create or re-convert it"
+    raises_unchanged(
+        plate,
+        match,
+        lambda: apply_registration_to_image(
+            zarr_url=url, registered_roi_table="FOV_ROI_table_registered"
+        ),
+    )
+    if missing == "2":
+        raises_unchanged(
+            plate, match, lambda: calculate_registration(**calc_args(plate))
+        )
+        raises_unchanged(
+            plate,
+            match,
+            lambda: find_consensus(
+                zarr_url=url, init_args={"zarr_url_list": urls_of(plate)}
+            ),
+        )

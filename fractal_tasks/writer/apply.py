@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import zarr
-from ngio import OmeZarrContainer, open_ome_zarr_container
+from ngio import OmeZarrContainer
 from ngio.tables import ConditionTable, FeatureTable
 from ngio.utils import NgioValueError
 
 import fractal_tasks
 from fractal_tasks.hcs.errors import MISSING_OR_MALFORMED, RegistrationInputError
+from fractal_tasks.hcs.images import open_image, open_label
 from fractal_tasks.hcs.roi_tables import (
     load_paired_rois,
     slices_um,
@@ -175,8 +176,8 @@ def plan_apply(
         zarr_url if overwrite_input else f"{zarr_url}{REGISTERED_SUFFIX}"
     )
     recover(destination)
-    acquisition = _open(zarr_url)
-    reference = _open(reference_url)
+    acquisition = open_image(zarr_url)
+    reference = open_image(reference_url)
     for container, url in ((acquisition, zarr_url), (reference, reference_url)):
         if registered_roi_table not in container.list_tables():
             raise RegistrationInputError(
@@ -201,7 +202,7 @@ def plan_apply(
     label_pairs = {}
     if register_labels:
         for name in acquisition.list_labels():
-            label = acquisition.get_label(name)
+            label = open_label(acquisition, name, zarr_url)
             label_geometry = spatial_geometry(label)
             _require_same_extent(label_geometry, geometry, name, zarr_url)
             label_pairs[name] = _pairs(
@@ -224,16 +225,6 @@ def plan_apply(
         tables=tables,
         overwrite_input=overwrite_input,
     )
-
-
-def _open(url: str) -> OmeZarrContainer:
-    try:
-        return open_ome_zarr_container(url)
-    except MISSING_OR_MALFORMED as error:
-        raise RegistrationInputError(
-            f"Cannot open OME-Zarr image {url!r}: {error}. Check that it exists "
-            "and is a valid OME-Zarr image."
-        ) from error
 
 
 def _require_same_extent(
@@ -320,23 +311,31 @@ def _copy_tables(plan: ApplyPlan, scratch: Path) -> None:
 
 
 def write_registered(plan: ApplyPlan, workers: int) -> None:
-    """Build the registered image in the plan's scratch directory."""
+    """Build the registered image in the plan's scratch directory.
+
+    On any error (e.g. a corrupt chunk of the input) the scratch directory is
+    removed before the error propagates: the plate is left as it was.
+    """
     scratch = plan.scratch
     shutil.rmtree(scratch, ignore_errors=True)  # leftover of a killed run
-    started = time.perf_counter()
-    new = plan.acquisition.derive_image(str(scratch), overwrite=True)
-    # Tables are small files: copy them while the pixels are written.
-    with ThreadPoolExecutor(1) as background:
-        tables = background.submit(_copy_tables, plan, scratch)
-        _write_pixels(plan, new, workers, started)
-        tables.result()
-    logger.info("Copied %d table(s): %s.", len(plan.tables), sorted(plan.tables))
-    zarr.open_group(str(scratch), mode="r+").attrs[PROVENANCE_KEY] = {
-        "source": plan.image_path,
-        "reference": plan.reference_url.rsplit("/", 1)[-1],
-        "registered_roi_table": plan.registered_roi_table,
-        "version": fractal_tasks.__version__,
-    }
+    try:
+        started = time.perf_counter()
+        new = plan.acquisition.derive_image(str(scratch), overwrite=True)
+        # Tables are small files: copy them while the pixels are written.
+        with ThreadPoolExecutor(1) as background:
+            tables = background.submit(_copy_tables, plan, scratch)
+            _write_pixels(plan, new, workers, started)
+            tables.result()
+        logger.info("Copied %d table(s): %s.", len(plan.tables), sorted(plan.tables))
+        zarr.open_group(str(scratch), mode="r+").attrs[PROVENANCE_KEY] = {
+            "source": plan.image_path,
+            "reference": plan.reference_url.rsplit("/", 1)[-1],
+            "registered_roi_table": plan.registered_roi_table,
+            "version": fractal_tasks.__version__,
+        }
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)  # the threads above are done
+        raise
 
 
 def _write_pixels(
