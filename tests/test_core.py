@@ -10,6 +10,7 @@ from ngio import Roi
 
 from fractal_tasks.hcs.errors import RegistrationInputError
 from fractal_tasks.hcs.roi_tables import stored_translations
+from fractal_tasks.hcs.wells import require_local
 from fractal_tasks.registration.consensus import translations_px
 from fractal_tasks.registration.geometry import (
     Box,
@@ -265,3 +266,25 @@ def test_consensus_needs_translations_in_every_acquisition():
         translations_px({"r": ref, "a": ref}, pixel_um, "r", "T")
     with pytest.raises(RegistrationInputError, match=r"no translations in \['b'\]"):
         translations_px({"r": ref, "a": done, "b": ref}, pixel_um, "r", "T")
+
+
+@pytest.mark.parametrize(
+    "url", ["/data/p.zarr/B/03/0", "p.zarr/B/03/0", "C:/data/p.zarr/B/03/0"]
+)
+def test_paths_are_local(url):
+    require_local(url)
+
+
+@pytest.mark.parametrize(
+    "url, fix",
+    [
+        ("s3://bucket/p.zarr/B/03/0", "Copy or mount the plate there"),
+        ("GS://bucket/p.zarr/B/03/0", "Copy or mount the plate there"),
+        ("http://host/p.zarr/B/03/0", "Copy or mount the plate there"),
+        ("file:///data/p.zarr/B/03/0", "Give the path itself, '/data/p.zarr/B/03/0'"),
+    ],
+)
+def test_urls_with_a_scheme_are_refused(url, fix):
+    with pytest.raises(RegistrationInputError, match="NFS, GPFS, Lustre, CephFS") as e:
+        require_local(url)
+    assert fix in str(e.value) and repr(url) in str(e.value)

@@ -12,6 +12,7 @@ from fractal_tasks.calculate_registration import calculate_registration
 from fractal_tasks.find_consensus import find_consensus
 from fractal_tasks.hcs.errors import RegistrationInputError
 from fractal_tasks.init_calculate_registration import init_calculate_registration
+from fractal_tasks.init_find_consensus import init_find_consensus
 from fractal_tasks.registration.calculate import load_quality
 
 
@@ -511,3 +512,53 @@ def test_missing_pyramid_level(make_plate, missing):
                 zarr_url=url, init_args={"zarr_url_list": urls_of(plate)}
             ),
         )
+
+
+REMOTE = ["s3://bucket", "gs://bucket", "https://example.org/data", "file://"]
+
+
+def _remote_calls(plate, prefix):
+    urls = urls_of(plate)
+    remote = [prefix + u for u in urls]
+    return {
+        "init_calculate": lambda: init_calculate_registration(
+            zarr_urls=remote, zarr_dir=plate.plate_url
+        ),
+        "calculate": lambda: calculate_registration(
+            **{**calc_args(plate), "zarr_url": remote[1]}
+        ),
+        "calculate_reference": lambda: calculate_registration(
+            **{**calc_args(plate), "init_args": {"reference_zarr_url": remote[0]}}
+        ),
+        "init_consensus": lambda: init_find_consensus(
+            zarr_urls=[urls[0], remote[1]], zarr_dir=plate.plate_url
+        ),
+        "consensus": lambda: find_consensus(
+            zarr_url=urls[0], init_args={"zarr_url_list": [urls[0], remote[1]]}
+        ),
+        "apply": lambda: apply_registration_to_image(
+            zarr_url=remote[1], registered_roi_table="FOV_ROI_table_registered"
+        ),
+    }
+
+
+@pytest.mark.parametrize("prefix", REMOTE)
+@pytest.mark.parametrize(
+    "task",
+    [
+        "init_calculate",
+        "calculate",
+        "calculate_reference",
+        "init_consensus",
+        "consensus",
+        "apply",
+    ],
+)
+def test_remote_store_urls_are_refused(make_plate, task, prefix):
+    plate = make_plate()  # refused before anything is read: no tables needed
+    raises_unchanged(
+        plate,
+        "is not a file-system path.*local or mounted POSIX file system "
+        "\\(e.g. NFS, GPFS, Lustre, CephFS\\)",
+        _remote_calls(plate, prefix)[task],
+    )

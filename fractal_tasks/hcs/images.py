@@ -15,6 +15,7 @@ from ngio import OmeZarrContainer, open_ome_zarr_container
 from ngio.utils import NgioFileNotFoundError
 
 from fractal_tasks.hcs.errors import MISSING_OR_MALFORMED, RegistrationInputError
+from fractal_tasks.hcs.wells import require_local
 
 T = TypeVar("T")
 
@@ -23,9 +24,11 @@ def open_image(zarr_url: str) -> OmeZarrContainer:
     """Open an OME-Zarr image and check that each level of its pyramid exists.
 
     Raises:
-        RegistrationInputError: If the image's metadata is missing or invalid,
-            or a level it lists is missing.
+        RegistrationInputError: If the URL is not a local path (see
+            :func:`~fractal_tasks.hcs.wells.require_local`), the image's
+            metadata is missing or invalid, or a level it lists is missing.
     """
+    require_local(zarr_url)
     try:
         container = open_ome_zarr_container(zarr_url)
     except MISSING_OR_MALFORMED as error:
