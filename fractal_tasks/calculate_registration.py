@@ -107,7 +107,9 @@ def calculate_registration(
             cycle shows the same structures on another channel. Default: the
             same as `wavelength_id`.
         method: `phase_cross_correlation` (2D and 3D, subpixel) or
-            `chi2_shift` (image_registration package, 2D only).
+            `chi2_shift` (2D only; needs the optional package
+            image_registration: install `fractal-tasks[chi2]`, in Fractal
+            collect the task package with pip_extras `chi2`).
         lower_rescale_quantile: Intensities below this quantile (0 to 1) of
             each ROI are clipped before registration; must be below
             `upper_rescale_quantile`.

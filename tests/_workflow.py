@@ -1,4 +1,8 @@
-"""In-process runs of the three tasks, and an independent oracle for apply."""
+"""In-process runs of the three tasks, an independent oracle for apply, and
+helpers that change or fingerprint a plate."""
+
+import hashlib
+from pathlib import Path
 
 import numpy as np
 from ngio import open_ome_zarr_container
@@ -9,6 +13,16 @@ from fractal_tasks.find_consensus import find_consensus
 from fractal_tasks.init_calculate_registration import init_calculate_registration
 from fractal_tasks.init_find_consensus import init_find_consensus
 from fractal_tasks.writer.pyramid import downsample
+
+
+def tree_hash(root) -> str:
+    """Digest of every path and file under ``root``: equal means unchanged."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(root).rglob("*")):
+        digest.update(str(path.relative_to(root)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def urls_of(plate):
@@ -87,7 +101,6 @@ def set_pixel_size(zarr_url, change):
     ``change(scale)``, as another converter's arithmetic would have written them.
     """
     import json
-    from pathlib import Path
 
     for attrs in [Path(zarr_url, ".zattrs"), *Path(zarr_url).glob("labels/*/.zattrs")]:
         meta = json.loads(attrs.read_text())

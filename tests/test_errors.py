@@ -1,10 +1,9 @@
 """Bad input: a clear error naming the problem and the fix; the plate unchanged."""
 
-import hashlib
 from pathlib import Path
 
 import pytest
-from _workflow import calculate, consensus, set_pixel_size, urls_of
+from _workflow import calculate, consensus, set_pixel_size, tree_hash, urls_of
 from ngio import open_ome_zarr_container
 
 from fractal_tasks.apply_registration_to_image import apply_registration_to_image
@@ -14,15 +13,6 @@ from fractal_tasks.hcs.errors import RegistrationInputError
 from fractal_tasks.init_calculate_registration import init_calculate_registration
 from fractal_tasks.init_find_consensus import init_find_consensus
 from fractal_tasks.registration.calculate import load_quality
-
-
-def tree_hash(root) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(Path(root).rglob("*")):
-        digest.update(str(path.relative_to(root)).encode())
-        if path.is_file():
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def raises_unchanged(plate, match, call):

@@ -40,6 +40,7 @@ from fractal_tasks.registration.shift import (
     estimate_shift,
     judge_estimate,
     judge_estimates,
+    load_chi2_shift,
 )
 
 logger = logging.getLogger(__name__)
@@ -336,7 +337,11 @@ def estimate_rois(
         RegistrationInputError: For a missing level or channel, pixel sizes
             that differ, a ROI outside an image, a time series, or chi2_shift
             on 3D images.
+        ModuleNotFoundError: For chi2_shift without its optional package
+            (see :func:`~fractal_tasks.registration.shift.load_chi2_shift`).
     """
+    if method is RegistrationMethod.CHI2_SHIFT:
+        load_chi2_shift()  # a missing optional package fails before any read
     containers = (reference, acquisition)
     levels = {level_path: open_level_pair(containers, channels, urls, level_path)}
     geometry = levels[level_path].geometries[0]
