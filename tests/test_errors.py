@@ -439,9 +439,14 @@ def test_image_outside_an_hcs_well(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "version, zarr_io", [("0.4", False), ("0.5", False), ("0.5", True)]
+    "version, zarr_io, overwrite_input",
+    [
+        ("0.4", False, True),
+        ("0.4", False, False),
+        ("0.5", False, True),
+        ("0.5", True, True),
+    ],
 )
-@pytest.mark.parametrize("overwrite_input", [True, False])
 def test_truncated_chunk_file_stops_apply(
     make_plate, monkeypatch, version, zarr_io, overwrite_input
 ):
