@@ -3,11 +3,11 @@
 import logging
 from typing import Annotated
 
-from ngio import open_ome_zarr_container
 from pydantic import Field, validate_call
 
 from fractal_tasks.hcs.cpus import available_cpus
 from fractal_tasks.hcs.errors import RegistrationInputError
+from fractal_tasks.hcs.images import open_image
 from fractal_tasks.hcs.models import InitArgsRegistration
 from fractal_tasks.hcs.roi_tables import (
     load_paired_rois,
@@ -107,7 +107,9 @@ def calculate_registration(
             cycle shows the same structures on another channel. Default: the
             same as `wavelength_id`.
         method: `phase_cross_correlation` (2D and 3D, subpixel) or
-            `chi2_shift` (image_registration package, 2D only).
+            `chi2_shift` (2D only; needs the optional package
+            image_registration: install `fractal-tasks[chi2]`, in Fractal
+            collect the task package with pip_extras `chi2`).
         lower_rescale_quantile: Intensities below this quantile (0 to 1) of
             each ROI are clipped before registration; must be below
             `upper_rescale_quantile`.
@@ -141,8 +143,8 @@ def calculate_registration(
         level_path,
         method.value,
     )
-    reference = open_ome_zarr_container(reference_url)
-    acquisition = open_ome_zarr_container(zarr_url)
+    reference = open_image(reference_url)
+    acquisition = open_image(zarr_url)
     reference_rois, acquisition_rois = load_paired_rois(
         reference, acquisition, input_roi_table, reference_url, zarr_url
     )

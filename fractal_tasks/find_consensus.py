@@ -2,10 +2,10 @@
 
 import logging
 
-from ngio import open_ome_zarr_container
 from pydantic import validate_call
 
 from fractal_tasks.hcs.errors import RegistrationInputError
+from fractal_tasks.hcs.images import open_image
 from fractal_tasks.hcs.models import InitArgsRegistrationConsensus
 from fractal_tasks.hcs.roi_tables import (
     by_name,
@@ -67,7 +67,7 @@ def find_consensus(
         zarr_url,
         registered_roi_table,
     )
-    containers = {url: open_ome_zarr_container(url) for url in urls}
+    containers = {url: open_image(url) for url in urls}
     rois = {
         url: by_name(load_rois(container, input_roi_table, url))
         for url, container in containers.items()

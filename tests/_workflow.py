@@ -1,4 +1,8 @@
-"""In-process runs of the three tasks, and an independent oracle for apply."""
+"""In-process runs of the three tasks, an independent oracle for apply, and
+helpers that change or fingerprint a plate."""
+
+import hashlib
+from pathlib import Path
 
 import numpy as np
 from ngio import open_ome_zarr_container
@@ -9,6 +13,16 @@ from fractal_tasks.find_consensus import find_consensus
 from fractal_tasks.init_calculate_registration import init_calculate_registration
 from fractal_tasks.init_find_consensus import init_find_consensus
 from fractal_tasks.writer.pyramid import downsample
+
+
+def tree_hash(root) -> str:
+    """Digest of every path and file under ``root``: equal means unchanged."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(root).rglob("*")):
+        digest.update(str(path.relative_to(root)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def urls_of(plate):
@@ -80,3 +94,22 @@ def expected_pyramid(level0, axes, n_levels, kind):
     for _ in range(n_levels - 1):
         levels.append(downsample(levels[-1], factors, kind))
     return levels
+
+
+def set_pixel_size(zarr_url, change):
+    """Rewrite the y/x scales of an image and its labels (NGFF 0.4) as
+    ``change(scale)``, as another converter's arithmetic would have written them.
+    """
+    import json
+
+    for attrs in [Path(zarr_url, ".zattrs"), *Path(zarr_url).glob("labels/*/.zattrs")]:
+        meta = json.loads(attrs.read_text())
+        axes = [a["name"] for a in meta["multiscales"][0]["axes"]]
+        for dataset in meta["multiscales"][0]["datasets"]:
+            for transform in dataset["coordinateTransformations"]:
+                if transform["type"] == "scale":
+                    transform["scale"] = [
+                        change(s) if a in ("y", "x") else s
+                        for a, s in zip(axes, transform["scale"])
+                    ]
+        attrs.write_text(json.dumps(meta))

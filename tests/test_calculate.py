@@ -1,8 +1,10 @@
 """Calculate registration: accuracy, verdicts, fallbacks, and what lies beyond."""
 
+import sys
+
 import numpy as np
 import pytest
-from _workflow import calculate, urls_of
+from _workflow import calculate, tree_hash, urls_of
 from ngio import open_ome_zarr_container
 from ngio.tables import RoiTable
 
@@ -187,6 +189,18 @@ def test_chi2_shift_refuses_3d(make_plate):
     plate = make_plate(n_z=3, **FOV)
     with pytest.raises(RegistrationInputError, match="chi2_shift.*2D"):
         calculate(plate, method="chi2_shift")
+
+
+def test_chi2_shift_without_its_package_says_how_to_install_it(make_plate, monkeypatch):
+    plate = make_plate(**FOV)
+    monkeypatch.setitem(sys.modules, "image_registration", None)  # not installed
+    before = tree_hash(plate.plate_url)
+    with pytest.raises(ModuleNotFoundError) as error:
+        calculate(plate, method="chi2_shift")
+    assert 'pip install "fractal-tasks[chi2]"' in str(error.value)
+    assert "pip_extras='chi2'" in str(error.value)
+    assert tree_hash(plate.plate_url) == before
+    calculate(plate)  # the default method does not need it
 
 
 def test_rois_too_small_at_the_level_are_estimated_at_a_finer_one(make_plate, caplog):

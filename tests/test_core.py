@@ -1,5 +1,6 @@
 """Unit tests of the pure core: geometry, writer, atomic replace, HCS pairing."""
 
+import math
 import os
 
 import numpy as np
@@ -9,11 +10,16 @@ from ngio import Roi
 
 from fractal_tasks.hcs.errors import RegistrationInputError
 from fractal_tasks.hcs.roi_tables import stored_translations
+from fractal_tasks.hcs.wells import require_local
 from fractal_tasks.registration.consensus import translations_px
 from fractal_tasks.registration.geometry import (
     Box,
+    ImageGeometry,
+    at_most,
     consensus_windows,
     roi_box,
+    same_pixel_size,
+    same_value,
     window_pair,
 )
 from fractal_tasks.writer.pyramid import WindowPair, downsample, write_windows
@@ -44,6 +50,21 @@ def test_roi_box_snaps_to_pixel_edges_and_clips():
         {"y": (37 * 0.325, 10 * 0.325), "x": (-1.0, 5.0)}, ps, {"y": 100, "x": 100}
     )
     assert box == Box(("y", "x"), (37, 0), (47, 13))
+
+
+def test_metadata_floats_equal_to_a_relative_1e6():
+    ulp = math.nextafter(0.65, math.inf)
+    assert ulp != 0.65 and same_value(0.65, ulp)
+    assert same_value(1000.0, 1000.0009) and not same_value(1000.0, 1000.002)
+    assert not same_value(0.65, 0.66)
+    assert at_most(1.3 * 1.0000001, 1.3) and at_most(0.1, 1.3)
+    assert not at_most(1.31, 1.3)
+    assert same_pixel_size({"y": 0.65, "x": 0.65}, {"y": ulp, "x": 0.65})
+    assert not same_pixel_size({"y": 0.65, "x": 0.65}, {"y": 0.65, "x": 0.66})
+    assert not same_pixel_size({"y": 0.65, "x": 0.65}, {"y": 0.65})
+    grid = ImageGeometry({"y": 0.65, "x": 0.65}, {"y": 10, "x": 20})
+    assert grid.same_grid(ImageGeometry({"y": ulp, "x": ulp}, {"y": 10, "x": 20}))
+    assert not grid.same_grid(ImageGeometry({"y": ulp, "x": ulp}, {"y": 10, "x": 21}))
 
 
 def test_window_pair_uses_the_target_size_on_coarse_arrays():
@@ -245,3 +266,25 @@ def test_consensus_needs_translations_in_every_acquisition():
         translations_px({"r": ref, "a": ref}, pixel_um, "r", "T")
     with pytest.raises(RegistrationInputError, match=r"no translations in \['b'\]"):
         translations_px({"r": ref, "a": done, "b": ref}, pixel_um, "r", "T")
+
+
+@pytest.mark.parametrize(
+    "url", ["/data/p.zarr/B/03/0", "p.zarr/B/03/0", "C:/data/p.zarr/B/03/0"]
+)
+def test_paths_are_local(url):
+    require_local(url)
+
+
+@pytest.mark.parametrize(
+    "url, fix",
+    [
+        ("s3://bucket/p.zarr/B/03/0", "Copy or mount the plate there"),
+        ("GS://bucket/p.zarr/B/03/0", "Copy or mount the plate there"),
+        ("http://host/p.zarr/B/03/0", "Copy or mount the plate there"),
+        ("file:///data/p.zarr/B/03/0", "Give the path itself, '/data/p.zarr/B/03/0'"),
+    ],
+)
+def test_urls_with_a_scheme_are_refused(url, fix):
+    with pytest.raises(RegistrationInputError, match="NFS, GPFS, Lustre, CephFS") as e:
+        require_local(url)
+    assert fix in str(e.value) and repr(url) in str(e.value)

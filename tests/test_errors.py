@@ -1,10 +1,9 @@
 """Bad input: a clear error naming the problem and the fix; the plate unchanged."""
 
-import hashlib
 from pathlib import Path
 
 import pytest
-from _workflow import calculate, consensus, urls_of
+from _workflow import calculate, consensus, set_pixel_size, tree_hash, urls_of
 from ngio import open_ome_zarr_container
 
 from fractal_tasks.apply_registration_to_image import apply_registration_to_image
@@ -12,16 +11,8 @@ from fractal_tasks.calculate_registration import calculate_registration
 from fractal_tasks.find_consensus import find_consensus
 from fractal_tasks.hcs.errors import RegistrationInputError
 from fractal_tasks.init_calculate_registration import init_calculate_registration
+from fractal_tasks.init_find_consensus import init_find_consensus
 from fractal_tasks.registration.calculate import load_quality
-
-
-def tree_hash(root) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(Path(root).rglob("*")):
-        digest.update(str(path.relative_to(root)).encode())
-        if path.is_file():
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def raises_unchanged(plate, match, call):
@@ -314,6 +305,29 @@ def test_pixel_sizes_differ(make_plate):
     )
 
 
+@pytest.mark.parametrize("task", ["calculate", "consensus", "apply"])
+def test_pixel_sizes_truly_differ(make_plate, task):
+    # 0.65 vs 0.66 µm is a real difference, at every step that compares them
+    plate = make_plate()
+    urls = urls_of(plate)
+    steps = ["calculate", "consensus", "apply"]
+    if steps.index(task) > 0:
+        calculate(plate)
+    if steps.index(task) > 1:
+        consensus(plate)
+    set_pixel_size(urls[1], lambda s: s * 0.66 / 0.65)
+    calls = {
+        "calculate": lambda: calculate_registration(**calc_args(plate)),
+        "consensus": lambda: find_consensus(
+            zarr_url=urls[0], init_args={"zarr_url_list": urls}
+        ),
+        "apply": lambda: apply_registration_to_image(
+            zarr_url=urls[1], registered_roi_table="FOV_ROI_table_registered"
+        ),
+    }
+    raises_unchanged(plate, "0.65[,}'].*0.66[,}']|0.66[,}'].*0.65[,}']", calls[task])
+
+
 def test_time_series_is_refused(make_plate):
     import numpy as np
 
@@ -422,3 +436,124 @@ def test_image_outside_an_hcs_well(tmp_path):
             zarr_url=str(lone), registered_roi_table="FOV_ROI_table_registered"
         )
     assert tree_hash(lone.parent) == before
+
+
+@pytest.mark.parametrize(
+    "version, zarr_io, overwrite_input",
+    [
+        ("0.4", False, True),
+        ("0.4", False, False),
+        ("0.5", False, True),
+        ("0.5", True, True),
+    ],
+)
+def test_truncated_chunk_file_stops_apply(
+    make_plate, monkeypatch, version, zarr_io, overwrite_input
+):
+    import re
+
+    import zarr
+
+    from fractal_tasks.writer.chunk_io import ZARR_IO_ENV, chunk_file
+
+    plate = make_plate(ngff_version=version)
+    calculate(plate)
+    consensus(plate)
+    url = urls_of(plate)[1]
+    array = zarr.open_array(f"{url}/0", mode="r")
+    file = Path(chunk_file(array, (0,) * array.ndim))
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    if zarr_io:
+        monkeypatch.setenv(ZARR_IO_ENV, "1")
+    raises_unchanged(
+        plate,
+        f"{re.escape(repr(str(file)))}.*Re-create or re-convert the image",
+        lambda: apply_registration_to_image(
+            zarr_url=url,
+            registered_roi_table="FOV_ROI_table_registered",
+            overwrite_input=overwrite_input,
+        ),
+    )
+    well = Path(url).parent
+    assert sorted(p.name for p in well.iterdir() if p.is_dir()) == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize("missing", ["2", "labels/nuclei/0"])
+def test_missing_pyramid_level(make_plate, missing):
+    import shutil
+
+    plate = make_plate()
+    calculate(plate)
+    consensus(plate)
+    url = urls_of(plate)[1]
+    shutil.rmtree(Path(url, missing))
+    broken = url if missing == "2" else f"{url}/labels/nuclei"
+    match = f"'{broken}' lacks a pyramid level.*Re-create or re-convert it"
+    raises_unchanged(
+        plate,
+        match,
+        lambda: apply_registration_to_image(
+            zarr_url=url, registered_roi_table="FOV_ROI_table_registered"
+        ),
+    )
+    if missing == "2":
+        raises_unchanged(
+            plate, match, lambda: calculate_registration(**calc_args(plate))
+        )
+        raises_unchanged(
+            plate,
+            match,
+            lambda: find_consensus(
+                zarr_url=url, init_args={"zarr_url_list": urls_of(plate)}
+            ),
+        )
+
+
+REMOTE = ["s3://bucket", "gs://bucket", "https://example.org/data", "file://"]
+
+
+def _remote_calls(plate, prefix):
+    urls = urls_of(plate)
+    remote = [prefix + u for u in urls]
+    return {
+        "init_calculate": lambda: init_calculate_registration(
+            zarr_urls=remote, zarr_dir=plate.plate_url
+        ),
+        "calculate": lambda: calculate_registration(
+            **{**calc_args(plate), "zarr_url": remote[1]}
+        ),
+        "calculate_reference": lambda: calculate_registration(
+            **{**calc_args(plate), "init_args": {"reference_zarr_url": remote[0]}}
+        ),
+        "init_consensus": lambda: init_find_consensus(
+            zarr_urls=[urls[0], remote[1]], zarr_dir=plate.plate_url
+        ),
+        "consensus": lambda: find_consensus(
+            zarr_url=urls[0], init_args={"zarr_url_list": [urls[0], remote[1]]}
+        ),
+        "apply": lambda: apply_registration_to_image(
+            zarr_url=remote[1], registered_roi_table="FOV_ROI_table_registered"
+        ),
+    }
+
+
+@pytest.mark.parametrize("prefix", REMOTE)
+@pytest.mark.parametrize(
+    "task",
+    [
+        "init_calculate",
+        "calculate",
+        "calculate_reference",
+        "init_consensus",
+        "consensus",
+        "apply",
+    ],
+)
+def test_remote_store_urls_are_refused(make_plate, task, prefix):
+    plate = make_plate()  # refused before anything is read: no tables needed
+    raises_unchanged(
+        plate,
+        "is not a file-system path.*local or mounted POSIX file system "
+        "\\(e.g. NFS, GPFS, Lustre, CephFS\\)",
+        _remote_calls(plate, prefix)[task],
+    )

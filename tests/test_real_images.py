@@ -1,6 +1,6 @@
 """Shift estimation and verdicts on small crops of real images (not ours).
 
-The images ship inside scikit-image (a dependency): a texture, brightfield
+The images ship inside scikit-image (a test dependency): a texture, brightfield
 tissue, a quantitative phase image of a cell, coins, a deep field of sparse
 stars, a retinal fundus. Each pair is a 224x224 crop and the
 same crop moved by a known subpixel shift (cubic spline), with fresh camera

@@ -1,3 +1,4 @@
+import math
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ from _workflow import (
     expected_level0,
     expected_pyramid,
     register,
+    set_pixel_size,
     spatial_index,
     urls_of,
     windows,
@@ -176,6 +178,16 @@ def test_apply_writes_exactly_the_windows_and_pyramid(make_plate, overwrite_inpu
 )
 def test_axes_and_ngff_versions(make_plate, axes, n_z, version):
     plate = make_plate(axes=axes, n_z=n_z, ngff_version=version, n_acquisitions=2)
+    _register_and_check(plate, overwrite_input=False)
+
+
+def test_pixel_sizes_one_ulp_apart_register(make_plate):
+    # 0.65 vs 0.6500000000000001: the same pixel size, from a converter's arithmetic
+    plate = make_plate(n_acquisitions=2)
+    url = urls_of(plate)[1]
+    set_pixel_size(url, lambda s: math.nextafter(s, math.inf))
+    image = open_ome_zarr_container(url).get_image()
+    assert image.pixel_size.x == math.nextafter(0.65, math.inf)
     _register_and_check(plate, overwrite_input=False)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -17,13 +18,44 @@ NON_ALPHANUMERIC_PATH_WARNING = r"Path '.*' contains non-alphanumeric characters
 """ngio's warning for an image path such as ``1_registered`` in a well."""
 
 
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def require_local(zarr_url: str) -> None:
+    """Refuse a URL with a scheme (``s3://``, ``gs://``, ``https://``, ``file://``).
+
+    The tasks read and write an image's files directly and Apply replaces
+    directories by renaming them, which object stores cannot do. A ``file://``
+    URL is refused too rather than rewritten: Fractal's image list knows the
+    image by the URL it gave, which the task must return unchanged.
+
+    Raises:
+        RegistrationInputError: For any URL with a scheme, naming what works.
+    """
+    scheme = _SCHEME.match(zarr_url)
+    if scheme is None:
+        return
+    if scheme.group(1).lower() == "file":
+        fix = f"Give the path itself, {zarr_url[len(scheme.group(0)) :]!r}."
+    else:
+        fix = "Copy or mount the plate there and give its path."
+    raise RegistrationInputError(
+        f"{zarr_url!r} is not a file-system path ({scheme.group(0)}): these tasks "
+        "work only on plates in a local or mounted POSIX file system (e.g. NFS, "
+        "GPFS, Lustre, CephFS), given as a path such as "
+        f"'/data/plate.zarr/B/03/0'. {fix}"
+    )
+
+
 def split_image_url(zarr_url: str) -> tuple[str, str]:
     """Split ``<plate>/<row>/<column>/<image>`` into the well URL and the image path.
 
     Raises:
-        RegistrationInputError: If the URL has too few parts to be an image of
-            an HCS plate.
+        RegistrationInputError: If the URL has a scheme (see
+            :func:`require_local`), or too few parts to be an image of an HCS
+            plate.
     """
+    require_local(zarr_url)
     parts = zarr_url.rstrip("/").split("/")
     if len(parts) < 4 or not all(parts[-3:]):
         raise RegistrationInputError(
@@ -41,7 +73,7 @@ def open_well(well_url: str) -> OmeZarrWell:
         RegistrationInputError: If the folder does not exist or holds no valid
             well metadata.
     """
-    if "://" not in well_url and not Path(well_url).is_dir():
+    if not Path(well_url).is_dir():
         raise RegistrationInputError(
             f"Well {well_url!r} does not exist. Check the zarr_url: it must point "
             "to an image inside an existing OME-Zarr HCS plate."

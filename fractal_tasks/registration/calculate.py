@@ -31,6 +31,7 @@ from fractal_tasks.registration.geometry import (
     ImageGeometry,
     crop_to_common,
     roi_box,
+    same_pixel_size,
 )
 from fractal_tasks.registration.shift import (
     RegistrationMethod,
@@ -39,6 +40,7 @@ from fractal_tasks.registration.shift import (
     estimate_shift,
     judge_estimate,
     judge_estimates,
+    load_chi2_shift,
 )
 
 logger = logging.getLogger(__name__)
@@ -235,7 +237,7 @@ def open_level_pair(
         for image, channel, url in zip(images, channels, urls)
     )
     geometries = tuple(spatial_geometry(image) for image in images)
-    if geometries[0].pixel_um != geometries[1].pixel_um:
+    if not same_pixel_size(geometries[0].pixel_um, geometries[1].pixel_um):
         raise RegistrationInputError(
             f"Pixel sizes differ at level {path}: reference "
             f"{geometries[0].pixel_um} µm, acquisition {geometries[1].pixel_um} "
@@ -335,7 +337,11 @@ def estimate_rois(
         RegistrationInputError: For a missing level or channel, pixel sizes
             that differ, a ROI outside an image, a time series, or chi2_shift
             on 3D images.
+        ModuleNotFoundError: For chi2_shift without its optional package
+            (see :func:`~fractal_tasks.registration.shift.load_chi2_shift`).
     """
+    if method is RegistrationMethod.CHI2_SHIFT:
+        load_chi2_shift()  # a missing optional package fails before any read
     containers = (reference, acquisition)
     levels = {level_path: open_level_pair(containers, channels, urls, level_path)}
     geometry = levels[level_path].geometries[0]

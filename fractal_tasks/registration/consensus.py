@@ -19,6 +19,7 @@ from fractal_tasks.registration.geometry import (
     box_slices_um,
     consensus_windows,
     roi_box,
+    same_pixel_size,
     to_pixels,
 )
 
@@ -92,7 +93,7 @@ def registered_rois(
     """
     pixel_um = geometries[reference_url].pixel_um
     for url, geometry in geometries.items():
-        if geometry.pixel_um != pixel_um:
+        if not same_pixel_size(geometry.pixel_um, pixel_um):
             raise RegistrationInputError(
                 f"Pixel sizes differ: {url!r} has {geometry.pixel_um} µm, the "
                 f"reference {reference_url!r} has {pixel_um} µm. Registration only "

@@ -15,6 +15,25 @@ from typing import NamedTuple
 
 SPATIAL_AXES = ("z", "y", "x")
 _SNAP = 1e-2  # a micrometre value this close to a pixel edge is that edge
+METADATA_REL_TOL = 1e-6
+"""Two floats from metadata (pixel sizes, their ratios) that agree to this
+relative tolerance are equal: converters' arithmetic leaves the last digits
+off (0.65 vs 0.6500000000000001), and no microscope is calibrated to 1e-6."""
+
+
+def same_value(a: float, b: float) -> bool:
+    """True when two metadata floats agree to ``METADATA_REL_TOL``."""
+    return math.isclose(a, b, rel_tol=METADATA_REL_TOL)
+
+
+def at_most(value: float, limit: float) -> bool:
+    """``value <= limit``, a value equal to it up to ``METADATA_REL_TOL`` included."""
+    return value <= limit or same_value(value, limit)
+
+
+def same_pixel_size(a: Mapping[str, float], b: Mapping[str, float]) -> bool:
+    """True when both have the same axes and agree on every pixel size."""
+    return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
 
 
 class ImageGeometry(NamedTuple):
@@ -24,6 +43,12 @@ class ImageGeometry(NamedTuple):
     """Pixel size in micrometres."""
     shape: dict[str, int]
     """Size in pixels."""
+
+    def same_grid(self, other: ImageGeometry) -> bool:
+        """True for the same shape and pixel sizes (see :func:`same_pixel_size`)."""
+        return self.shape == other.shape and same_pixel_size(
+            self.pixel_um, other.pixel_um
+        )
 
 
 @dataclass(frozen=True)

@@ -709,13 +709,43 @@ def _saturated_share(
     return float(np.count_nonzero(clipped)) / clipped.size
 
 
+CHI2_EXTRA = "chi2"
+"""The package extra that installs ``image_registration`` for ``chi2_shift``."""
+
+
+def load_chi2_shift():
+    """``image_registration.chi2_shift``, imported on first use.
+
+    The package is an optional extra: it is slow to import and brings astropy
+    and matplotlib into every environment, for a method few choose.
+
+    Raises:
+        ModuleNotFoundError: If ``image_registration`` is not installed, with
+            the command that installs it (a dependency missing inside it
+            passes through as it is).
+    """
+    try:
+        from image_registration import chi2_shift
+    except ModuleNotFoundError as error:
+        if error.name != "image_registration":
+            raise
+        raise ModuleNotFoundError(
+            "method='chi2_shift' needs the package image_registration, which is "
+            f'not installed. Install it with: pip install "fractal-tasks[{CHI2_EXTRA}]"'
+            f" (in Fractal: collect the task package with pip_extras='{CHI2_EXTRA}'),"
+            " or use method='phase_cross_correlation'.",
+            name=error.name,
+        ) from error
+    return chi2_shift
+
+
 def _chi2(ref: np.ndarray, mov: np.ndarray) -> np.ndarray:
     """image_registration.chi2_shift on prepared 2D images, in our convention.
 
     chi2_shift returns ``(dx, dy)``, the offset of the moving image, hence
     ``(-dy, -dx)``; it is re-run on the aligned overlap as :func:`_pcc` does.
     """
-    from image_registration import chi2_shift  # slow import, rarely used
+    chi2_shift = load_chi2_shift()
 
     def run(r: np.ndarray, m: np.ndarray) -> np.ndarray:
         r, m = _fast_crop(r, m)

@@ -20,14 +20,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import ngio
 import zarr
-from ngio import OmeZarrContainer, open_image, open_label, open_ome_zarr_container
+from ngio import OmeZarrContainer
 from ngio.tables import ConditionTable, FeatureTable
 from ngio.utils import NgioValueError
 
 import fractal_tasks
 from fractal_tasks.hcs.errors import MISSING_OR_MALFORMED, RegistrationInputError
-from fractal_tasks.hcs.labels import label_names, open_label_levels
+from fractal_tasks.hcs.images import label_names, open_image, open_label_levels
 from fractal_tasks.hcs.roi_tables import (
     load_paired_rois,
     slices_um,
@@ -43,6 +44,8 @@ from fractal_tasks.hcs.wells import (
 from fractal_tasks.registration.geometry import (
     SPATIAL_AXES,
     ImageGeometry,
+    at_most,
+    same_value,
     window_pair,
 )
 from fractal_tasks.writer.image_tree import copy_skeleton, refresh_consolidated_metadata
@@ -200,8 +203,8 @@ def plan_apply(
         zarr_url if overwrite_input else f"{zarr_url}{REGISTERED_SUFFIX}"
     )
     recover(destination)
-    acquisition = _open(zarr_url)
-    reference = _open(reference_url)
+    acquisition = open_image(zarr_url, read_only=True)
+    reference = open_image(reference_url, read_only=True)
     for container, url in ((acquisition, zarr_url), (reference, reference_url)):
         if registered_roi_table not in container.list_tables():
             raise RegistrationInputError(
@@ -213,10 +216,10 @@ def plan_apply(
     ref_rois, acq_rois = load_paired_rois(
         reference, acquisition, registered_roi_table, reference_url, zarr_url
     )
-    image_levels = _image_levels(acquisition, zarr_url)
+    image_levels = [acquisition.get_image(path=p) for p in acquisition.level_paths]
     geometry = spatial_geometry(image_levels[0])
     ref_geometry = spatial_geometry(reference.get_image())
-    if geometry != ref_geometry:
+    if not geometry.same_grid(ref_geometry):
         raise RegistrationInputError(
             f"{zarr_url!r} (pixel µm, shape {geometry}) and its reference "
             f"{reference_url!r} ({ref_geometry}) differ in pixel size or shape. "
@@ -275,36 +278,6 @@ def plan_apply(
     )
 
 
-def _open(url: str) -> OmeZarrContainer:
-    """Open an image read-only: the input changes only by the final replace."""
-    try:
-        return open_ome_zarr_container(url, mode="r")
-    except MISSING_OR_MALFORMED as error:
-        raise RegistrationInputError(
-            f"Cannot open OME-Zarr image {url!r}: {error}. Check that it exists "
-            "and is a valid OME-Zarr image."
-        ) from error
-
-
-def _image_levels(container: OmeZarrContainer, url: str) -> list:
-    """Every pyramid level of the image, finest first.
-
-    Raises:
-        RegistrationInputError: If a level the metadata lists is missing.
-    """
-    levels = []
-    for path in container.level_paths:
-        try:
-            levels.append(container.get_image(path=path))
-        except MISSING_OR_MALFORMED as error:
-            raise RegistrationInputError(
-                f"Level {path!r} of image {url!r} is listed in its metadata but "
-                f"cannot be opened ({error}). Re-create the image's pyramid, or "
-                "re-convert the image."
-            ) from error
-    return levels
-
-
 def _multiscale(
     path: str, levels: list, pairs: list[WindowPair], kind: Aggregation, what: str
 ) -> Multiscale:
@@ -334,7 +307,7 @@ def _require_same_extent(
     label_um = {a: n * label.pixel_um[a] for a, n in label.shape.items()}
     image_um = {a: n * image.pixel_um[a] for a, n in image.shape.items()}
     if set(label_um) != set(image_um) or any(
-        abs(label_um[a] - image_um[a]) > label.pixel_um[a] for a in label_um
+        not at_most(abs(label_um[a] - image_um[a]), label.pixel_um[a]) for a in label_um
     ):
         raise RegistrationInputError(
             f"Label {name!r} of {url!r} covers {label_um} µm but its image covers "
@@ -372,7 +345,7 @@ def _level_factors(levels: list) -> list[tuple[int, ...]] | None:
                 continue
             ratio = getattr(below.pixel_size, axis) / getattr(above.pixel_size, axis)
             if (
-                abs(ratio - round(ratio)) > 1e-6
+                not same_value(ratio, round(ratio))
                 or -(-n_above // round(ratio)) < n_below
             ):
                 return None
@@ -411,10 +384,10 @@ def _write(multiscale: Multiscale, scratch: Path, workers: int) -> None:
         workers=workers,
     )
     if multiscale.kind == "mean":
-        new = open_image(str(scratch), path=source.path)
+        new = ngio.open_image(str(scratch), path=source.path)
         new.consolidate(order="linear", mode="auto")
     else:
-        open_label(str(scratch / multiscale.path), path=source.path).consolidate(
+        ngio.open_label(str(scratch / multiscale.path), path=source.path).consolidate(
             mode="auto"
         )
 

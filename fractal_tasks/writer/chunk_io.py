@@ -20,9 +20,12 @@ pipeline its own configuration names (e.g. ``ZARR_CODEC_PIPELINE__PATH``).
 
 from __future__ import annotations
 
+import gzip
+import lzma
 import mmap
 import os
 import sys
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +34,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, GzipCodec, ZstdCodec
 from zarr.storage import LocalStore
+
+from fractal_tasks.hcs.errors import RegistrationInputError
 
 Index = tuple[int, ...]
 
@@ -44,6 +49,18 @@ _NUMCODECS_OF = {
 }
 _BYTE_ORDER = {"little": "<", "big": ">"}
 ZARR_IO_ENV = "FRACTAL_TASKS_ZARR_IO"
+# What decoders raise on bytes that are not a valid chunk (blosc, zstd, lz4:
+# RuntimeError or ValueError; gzip: EOFError or BadGzipFile; zlib; lzma), and
+# zarr on a chunk of the wrong size (ValueError). Not OSError as a whole: a
+# PermissionError is not about the data.
+_UNDECODABLE = (
+    RuntimeError,
+    ValueError,
+    EOFError,
+    gzip.BadGzipFile,
+    zlib.error,
+    lzma.LZMAError,
+)
 
 
 def grid_region(
@@ -56,6 +73,27 @@ def grid_region(
     return tuple(
         slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(index, size, shape)
     )
+
+
+def corrupt_chunk(file: str | Path, problem: str) -> RegistrationInputError:
+    """The error for a chunk file that does not hold a valid chunk."""
+    return RegistrationInputError(
+        f"Chunk file {str(file)!r} {problem}: the image is corrupt (e.g. a copy "
+        "or a conversion that was cut off). Re-create or re-convert the image."
+    )
+
+
+def chunk_file(array: zarr.Array, index: Index) -> str:
+    """Where chunk (or shard) ``index`` of ``array`` is stored, for messages."""
+    key = "/".join(
+        part
+        for part in (array.store_path.path, array.metadata.encode_chunk_key(index))
+        if part
+    )
+    store = array.store_path.store
+    if isinstance(store, LocalStore):
+        return str(Path(store.root, key))
+    return f"{store}/{key}"
 
 
 def storage_chunks(array: zarr.Array) -> tuple[int, ...]:
@@ -92,8 +130,17 @@ class ChunkAccess:
 
         With ``out`` (C-contiguous, of the full chunk shape and the array's
         dtype) the pixels go there and a view of it is returned.
+
+        Raises:
+            RegistrationInputError: If zarr cannot decode the chunk's file.
         """
-        data = np.asarray(self.array[self.region(index)])
+        region = self.region(index)
+        try:
+            data = np.asarray(self.array[region])
+        except _UNDECODABLE as error:
+            raise corrupt_chunk(
+                chunk_file(self.array, index), f"cannot be decoded ({error})"
+            ) from error
         if out is None:
             return data
         view = self._crop(index, out)
@@ -123,20 +170,40 @@ class ChunkFiles(ChunkAccess):
         return self._root / self._key(index)
 
     def read(self, index: Index, out: np.ndarray | None = None) -> np.ndarray:
-        """As ``ChunkAccess.read``, decoded straight from the chunk's file."""
+        """As ``ChunkAccess.read``, decoded straight from the chunk's file.
+
+        Raises:
+            RegistrationInputError: If the file is not one whole chunk: raw
+                bytes of another length, or bytes the codec cannot decode or
+                that decode to another length. Nothing is written then.
+        """
         chunk = np.empty(self.chunks, self.dtype) if out is None else out
+        path = self._path(index)
         try:
-            file = open(self._path(index), "rb")
+            file = open(path, "rb")
         except FileNotFoundError:
             chunk.fill(self._fill)
             return self._crop(index, chunk)
         with file:
+            size = os.fstat(file.fileno()).st_size
             if self._codec is None:
+                if size != chunk.nbytes:
+                    raise corrupt_chunk(
+                        path,
+                        f"has {size} bytes, an uncompressed chunk has {chunk.nbytes}",
+                    )
                 file.readinto(chunk.reshape(-1).view(np.uint8).data)
+            elif size == 0:
+                raise corrupt_chunk(path, "is empty")
             else:
                 # Decoded from the page cache in place: no copy of the bytes.
                 with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                    self._codec.decode(data, out=chunk)
+                    try:
+                        _decode(self._codec, data, chunk)
+                    except _UNDECODABLE as error:
+                        raise corrupt_chunk(
+                            path, f"cannot be decoded ({error})"
+                        ) from error
         return self._crop(index, chunk)
 
     def write(self, index: Index, block: np.ndarray) -> None:
@@ -153,6 +220,59 @@ class ChunkFiles(ChunkAccess):
             self._made.add(path.parent)
         with open(path, "wb") as file:
             file.write(data)
+
+
+def _decode(codec: numcodecs.abc.Codec, data, out: np.ndarray) -> None:
+    """Decode ``data`` into ``out``, which it must fill exactly.
+
+    Decoders write into ``out`` without saying how much they wrote, so a chunk
+    that decodes short would leave stale bytes. Blosc and zstd headers state
+    the decoded size: when it is ``out``'s, decoding in place is safe. Any
+    other codec (or size) decodes into a new buffer that is measured first.
+
+    Raises:
+        ValueError: If the chunk decodes to another size than ``out``.
+    """
+    if _declared_size(codec, data) == out.nbytes:
+        codec.decode(data, out=out)
+        return
+    decoded = np.frombuffer(codec.decode(data), np.uint8)
+    if decoded.nbytes != out.nbytes:
+        raise ValueError(f"{decoded.nbytes} bytes decoded, a chunk has {out.nbytes}")
+    out.reshape(-1).view(np.uint8)[:] = decoded
+
+
+def _declared_size(codec: numcodecs.abc.Codec, data) -> int | None:
+    """The decoded size a blosc or zstd header states (None: none found).
+
+    Raises:
+        ValueError: If a blosc chunk is not as long as its header states.
+    """
+    if isinstance(codec, numcodecs.Blosc):
+        # A 16-byte header: decoded size at bytes 4-8, stored size at 12-16
+        # (little-endian). Blosc itself does not check the latter: a cut-off
+        # file of an incompressible chunk would decode with garbage at its end.
+        if len(data) < 16 or int.from_bytes(data[12:16], "little") != len(data):
+            raise ValueError(f"{len(data)} bytes, not the size blosc's header states")
+        return int.from_bytes(data[4:8], "little")
+    if isinstance(codec, numcodecs.Zstd):
+        return _zstd_content_size(bytes(data[:18]))
+    return None
+
+
+def _zstd_content_size(header: bytes) -> int | None:
+    """The frame content size of a zstd frame header (RFC 8878, 3.1.1.1)."""
+    if len(header) < 6 or header[:4] != b"\x28\xb5\x2f\xfd":
+        return None
+    descriptor = header[4]
+    single_segment = descriptor >> 5 & 1
+    start = 5 + (1 - single_segment) + (0, 1, 2, 4)[descriptor & 3]
+    width = (single_segment, 2, 4, 8)[descriptor >> 6]
+    field = header[start : start + width]
+    if width == 0 or len(field) < width:
+        return None
+    size = int.from_bytes(field, "little")
+    return size + 256 if width == 2 else size
 
 
 def chunk_access(array: zarr.Array) -> ChunkAccess:
