@@ -361,28 +361,20 @@ def _write(multiscale: Multiscale, scratch: Path, workers: int) -> None:
         for path in multiscale.array_paths()
     ]
     source = multiscale.levels[0]
-    axes = source.axes
-    if multiscale.factors is not None:
-        write_windows(
-            source.zarr_array,
-            targets,
-            axes,
-            multiscale.pairs,
-            multiscale.factors,
-            kind=multiscale.kind,
-            workers=workers,
-        )
-        return
-    # Pyramid steps that are not whole factors: let ngio interpolate them.
+    # Without whole factors between levels, only level 0 is written here
+    # (write_windows takes as many levels as it is given factors for).
     write_windows(
         source.zarr_array,
-        targets[:1],
-        axes,
+        targets,
+        source.axes,
         multiscale.pairs,
-        [],
+        multiscale.factors or [],
         kind=multiscale.kind,
         workers=workers,
     )
+    if multiscale.factors is not None:
+        return
+    # Pyramid steps that are not whole factors: let ngio interpolate them.
     if multiscale.kind == "mean":
         new = ngio.open_image(str(scratch), path=source.path)
         new.consolidate(order="linear", mode="auto")
