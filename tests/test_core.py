@@ -1,6 +1,8 @@
 """Unit tests of the pure core: geometry, writer, atomic replace, HCS pairing."""
 
+import logging
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -16,8 +18,15 @@ from fractal_tasks.registration.geometry import (
     roi_box,
     window_pair,
 )
+from fractal_tasks.writer import swap
 from fractal_tasks.writer.pyramid import WindowPair, downsample, write_windows
-from fractal_tasks.writer.swap import exchange, recover, replace_directory
+from fractal_tasks.writer.swap import (
+    exchange,
+    lock_file,
+    reading,
+    recover,
+    replace_directory,
+)
 
 
 def test_consensus_windows_have_one_shape_and_one_place():
@@ -142,6 +151,64 @@ def test_recover_restores_an_interrupted_fallback_replace(tmp_path):
     assert (tmp_path / "img" / "a").read_text() == "old"
     assert not aside.exists()
     os.listdir(tmp_path)
+
+
+def _two_images(tmp_path):
+    old, new = tmp_path / "img", tmp_path / "img.registering"
+    for folder, text in ((old, "old"), (new, "new")):
+        folder.mkdir()
+        (folder / "a").write_text(text)
+    return old, new
+
+
+def test_fallback_replace_says_so_once_at_info_and_leaves_its_lock(
+    tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setattr(swap, "exchange", lambda first, second: False)
+    swap._log_fallback_once.cache_clear()
+    caplog.set_level(logging.DEBUG, logger=swap.__name__)
+    for _ in range(2):
+        old, new = _two_images(tmp_path)
+        replace_directory(new, old)
+        assert (old / "a").read_text() == "new"
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".img.lock", "img"]
+        (old / "a").unlink(), old.rmdir()
+    assert [r.levelname for r in caplog.records] == ["INFO"]
+    assert lock_file(old) == tmp_path / ".img.lock"
+
+
+def test_a_reader_restores_an_image_left_aside_by_a_killed_replace(tmp_path):
+    aside = tmp_path / "img.replaced"
+    aside.mkdir()
+    (aside / "a").write_text("old")
+    with reading(tmp_path / "img"):
+        assert (tmp_path / "img" / "a").read_text() == "old"
+    assert not aside.exists()
+
+
+def test_a_missing_image_stays_missing_for_its_reader(tmp_path):
+    with reading(tmp_path / "img"):
+        assert not (tmp_path / "img").exists()
+
+
+def test_a_replace_waits_for_a_reader_in_another_thread(tmp_path, monkeypatch):
+    # fcntl locks do not tell threads of one process apart: swap must
+    monkeypatch.setattr(swap, "exchange", lambda first, second: False)
+    old, new = _two_images(tmp_path)
+    replaced = threading.Event()
+
+    def replace():
+        replace_directory(new, old)
+        replaced.set()
+
+    with reading(old), reading(old):  # nested readers in one thread too
+        writer = threading.Thread(target=replace)
+        writer.start()
+        assert not replaced.wait(0.3)
+        assert (old / "a").read_text() == "old"
+    assert replaced.wait(10)
+    writer.join()
+    assert (old / "a").read_text() == "new"
 
 
 @pytest.mark.parametrize(

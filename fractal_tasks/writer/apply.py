@@ -42,7 +42,7 @@ from fractal_tasks.registration.geometry import (
     window_pair,
 )
 from fractal_tasks.writer.pyramid import Aggregation, WindowPair, write_windows
-from fractal_tasks.writer.swap import recover, replace_directory
+from fractal_tasks.writer.swap import reading, recover, replace_directory
 
 logger = logging.getLogger(__name__)
 
@@ -173,41 +173,46 @@ def plan_apply(
         zarr_url if overwrite_input else f"{zarr_url}{REGISTERED_SUFFIX}"
     )
     recover(destination)
-    acquisition = _open(zarr_url)
-    reference = _open(reference_url)
-    for container, url in ((acquisition, zarr_url), (reference, reference_url)):
-        if registered_roi_table not in container.list_tables():
-            raise RegistrationInputError(
-                f"Registered ROI table {registered_roi_table!r} not found in {url!r}."
-                " Run 'Calculate Registration (image-based)' and 'Find Registration "
-                "Consensus' before 'Apply Registration to Image', and check the "
-                "table name."
-            )
-    ref_rois, acq_rois = load_paired_rois(
-        reference, acquisition, registered_roi_table, reference_url, zarr_url
-    )
-    geometry = spatial_geometry(acquisition.get_image())
-    ref_geometry = spatial_geometry(reference.get_image())
-    if geometry != ref_geometry:
-        raise RegistrationInputError(
-            f"{zarr_url!r} (pixel µm, shape {geometry}) and its reference "
-            f"{reference_url!r} ({ref_geometry}) differ in pixel size or shape. "
-            "Registration only shifts images of the same grid; resample or crop "
-            "the acquisitions to the reference first."
+    # the reference may be replaced by its own apply run meanwhile
+    with reading(Path(reference_url)):
+        acquisition = _open(zarr_url)
+        reference = _open(reference_url)
+        for container, url in ((acquisition, zarr_url), (reference, reference_url)):
+            if registered_roi_table not in container.list_tables():
+                raise RegistrationInputError(
+                    f"Registered ROI table {registered_roi_table!r} not found in "
+                    f"{url!r}. Run 'Calculate Registration (image-based)' and 'Find "
+                    "Registration Consensus' before 'Apply Registration to Image', "
+                    "and check the table name."
+                )
+        ref_rois, acq_rois = load_paired_rois(
+            reference, acquisition, registered_roi_table, reference_url, zarr_url
         )
-    image_pairs = _pairs(acq_rois, ref_rois, geometry, f"image {zarr_url!r}")
-    label_pairs = {}
-    if register_labels:
-        for name in acquisition.list_labels():
-            label = acquisition.get_label(name)
-            label_geometry = spatial_geometry(label)
-            _require_same_extent(label_geometry, geometry, name, zarr_url)
-            label_pairs[name] = _pairs(
-                acq_rois, ref_rois, label_geometry, f"label {name!r} of {zarr_url!r}"
+        geometry = spatial_geometry(acquisition.get_image())
+        ref_geometry = spatial_geometry(reference.get_image())
+        if geometry != ref_geometry:
+            raise RegistrationInputError(
+                f"{zarr_url!r} (pixel µm, shape {geometry}) and its reference "
+                f"{reference_url!r} ({ref_geometry}) differ in pixel size or shape. "
+                "Registration only shifts images of the same grid; resample or crop "
+                "the acquisitions to the reference first."
             )
-    if not overwrite_input and destination.exists():
-        _require_ours(destination)
-    tables = _read_tables(acquisition, reference, zarr_url, reference_url)
+        image_pairs = _pairs(acq_rois, ref_rois, geometry, f"image {zarr_url!r}")
+        label_pairs = {}
+        if register_labels:
+            for name in acquisition.list_labels():
+                label = acquisition.get_label(name)
+                label_geometry = spatial_geometry(label)
+                _require_same_extent(label_geometry, geometry, name, zarr_url)
+                label_pairs[name] = _pairs(
+                    acq_rois,
+                    ref_rois,
+                    label_geometry,
+                    f"label {name!r} of {zarr_url!r}",
+                )
+        if not overwrite_input and destination.exists():
+            _require_ours(destination)
+        tables = _read_tables(acquisition, reference, zarr_url, reference_url)
     return ApplyPlan(
         zarr_url=zarr_url,
         reference_url=reference_url,
@@ -312,8 +317,9 @@ def _copy_tables(plan: ApplyPlan, scratch: Path) -> None:
         return
     version = zarr.open_group(str(scratch), mode="r").metadata.zarr_format
     group = zarr.open_group(str(scratch / "tables"), mode="a", zarr_format=version)
-    for name, source_url in plan.tables.items():
-        shutil.copytree(Path(source_url, "tables", name), scratch / "tables" / name)
+    with reading(Path(plan.reference_url)):
+        for name, source_url in plan.tables.items():
+            shutil.copytree(Path(source_url, "tables", name), scratch / "tables" / name)
     group.attrs["tables"] = list(plan.tables)
 
 
