@@ -1,5 +1,6 @@
 """Unit tests of the pure core: geometry, writer, atomic replace, HCS pairing."""
 
+import json
 import logging
 import os
 import threading
@@ -7,8 +8,9 @@ import threading
 import numpy as np
 import pytest
 import zarr
-from ngio import Roi
+from ngio import Roi, open_ome_zarr_well
 
+from fractal_tasks.hcs import wells
 from fractal_tasks.hcs.errors import RegistrationInputError
 from fractal_tasks.hcs.roi_tables import stored_translations
 from fractal_tasks.registration.consensus import translations_px
@@ -312,3 +314,24 @@ def test_consensus_needs_translations_in_every_acquisition():
         translations_px({"r": ref, "a": ref}, pixel_um, "r", "T")
     with pytest.raises(RegistrationInputError, match=r"no translations in \['b'\]"):
         translations_px({"r": ref, "a": done, "b": ref}, pixel_um, "r", "T")
+
+
+def test_well_metadata_briefly_missing_is_read_again(make_plate, monkeypatch):
+    plate = make_plate()
+    well_url = f"{plate.plate_url}/B/03"
+    calls = []
+
+    def flaky(url):
+        calls.append(url)
+        if len(calls) < 3:  # as while another run renames the metadata over
+            raise json.JSONDecodeError("empty", "", 0)
+        return open_ome_zarr_well(url)
+
+    monkeypatch.setattr(wells, "open_ome_zarr_well", flaky)
+    monkeypatch.setattr(wells, "WELL_READ_PAUSES_S", (0, 0, 0))
+    assert len(wells.open_well(well_url).paths()) == 3
+    assert len(calls) == 3
+    monkeypatch.setattr(wells, "WELL_READ_PAUSES_S", (0,))
+    calls.clear()
+    with pytest.raises(RegistrationInputError, match="no valid OME-Zarr well"):
+        wells.open_well(well_url)

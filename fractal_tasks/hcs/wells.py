@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 import warnings
 from pathlib import Path
 
@@ -34,6 +36,18 @@ def split_image_url(zarr_url: str) -> tuple[str, str]:
     return "/".join(parts[:-1]), parts[-1]
 
 
+WELL_READ_PAUSES_S = (0.01, 0.05, 0.2, 0.5)
+"""Pauses (seconds) between reads of well metadata that is missing or malformed.
+
+Other runs add their images to the well meanwhile: zarr writes the metadata
+file beside itself and renames it over the old one. Some file systems do that
+rename in two steps when another process has the old file open (FUSE mounts
+hide it first, as an NFS client may "silly-rename" it), so the file is briefly
+missing. Under a second in all; metadata that stays bad is reported after the
+last read.
+"""
+
+
 def open_well(well_url: str) -> OmeZarrWell:
     """Open the well of an HCS plate, with errors that say what is wrong.
 
@@ -46,9 +60,12 @@ def open_well(well_url: str) -> OmeZarrWell:
             f"Well {well_url!r} does not exist. Check the zarr_url: it must point "
             "to an image inside an existing OME-Zarr HCS plate."
         )
+    for pause_s in WELL_READ_PAUSES_S:
+        with contextlib.suppress(*MISSING_OR_MALFORMED):
+            return _read_well(well_url)
+        time.sleep(pause_s)
     try:
-        well = open_ome_zarr_well(well_url)
-        well.paths()
+        return _read_well(well_url)
     except MISSING_OR_MALFORMED as error:
         raise RegistrationInputError(
             f"{well_url!r} has no valid OME-Zarr well metadata ({error}). The "
@@ -56,6 +73,11 @@ def open_well(well_url: str) -> OmeZarrWell:
             "re-create the well's .zattrs/zarr.json, e.g. by re-running the "
             "converter."
         ) from error
+
+
+def _read_well(well_url: str) -> OmeZarrWell:
+    well = open_ome_zarr_well(well_url)
+    well.paths()  # decodes the metadata, which opening alone does not
     return well
 
 
