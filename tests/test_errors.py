@@ -13,11 +13,14 @@ from fractal_tasks.find_consensus import find_consensus
 from fractal_tasks.hcs.errors import RegistrationInputError
 from fractal_tasks.init_calculate_registration import init_calculate_registration
 from fractal_tasks.registration.calculate import load_quality
+from fractal_tasks.writer.swap import LOCK_SUFFIX
 
 
 def tree_hash(root) -> str:
     digest = hashlib.sha256()
     for path in sorted(Path(root).rglob("*")):
+        if path.name.startswith(".") and path.name.endswith(LOCK_SUFFIX):
+            continue  # the replace's lock files, made by readers too: no data
         digest.update(str(path.relative_to(root)).encode())
         if path.is_file():
             digest.update(path.read_bytes())

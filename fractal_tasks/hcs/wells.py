@@ -8,6 +8,7 @@ import time
 import warnings
 from pathlib import Path
 
+import zarr
 from ngio import OmeZarrWell, open_ome_zarr_well
 from ngio.utils import NgioUserWarning, NgioValueError
 
@@ -61,12 +62,12 @@ def open_well(well_url: str) -> OmeZarrWell:
             "to an image inside an existing OME-Zarr HCS plate."
         )
     for pause_s in WELL_READ_PAUSES_S:
-        with contextlib.suppress(*MISSING_OR_MALFORMED):
+        with contextlib.suppress(*_UNREADABLE_WELL):
             return _read_well(well_url)
         time.sleep(pause_s)
     try:
         return _read_well(well_url)
-    except MISSING_OR_MALFORMED as error:
+    except _UNREADABLE_WELL as error:
         raise RegistrationInputError(
             f"{well_url!r} has no valid OME-Zarr well metadata ({error}). The "
             "images must live in an HCS plate (plate/row/column/image); repair or "
@@ -75,8 +76,12 @@ def open_well(well_url: str) -> OmeZarrWell:
         ) from error
 
 
+_UNREADABLE_WELL = (*MISSING_OR_MALFORMED, zarr.errors.GroupNotFoundError)
+
+
 def _read_well(well_url: str) -> OmeZarrWell:
-    well = open_ome_zarr_well(well_url)
+    # cached: later reads through this object would meet the same moments
+    well = open_ome_zarr_well(well_url, cache=True)
     well.paths()  # decodes the metadata, which opening alone does not
     return well
 
