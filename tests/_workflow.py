@@ -13,12 +13,15 @@ from fractal_tasks.find_consensus import find_consensus
 from fractal_tasks.init_calculate_registration import init_calculate_registration
 from fractal_tasks.init_find_consensus import init_find_consensus
 from fractal_tasks.writer.pyramid import downsample
+from fractal_tasks.writer.swap import LOCK_SUFFIX
 
 
 def tree_hash(root) -> str:
     """Digest of every path and file under ``root``: equal means unchanged."""
     digest = hashlib.sha256()
     for path in sorted(Path(root).rglob("*")):
+        if path.name.startswith(".") and path.name.endswith(LOCK_SUFFIX):
+            continue  # the replace's lock files, made by readers too: no data
         digest.update(str(path.relative_to(root)).encode())
         if path.is_file():
             digest.update(path.read_bytes())

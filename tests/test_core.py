@@ -1,13 +1,17 @@
 """Unit tests of the pure core: geometry, writer, atomic replace, HCS pairing."""
 
 import math
+import json
+import logging
 import os
+import threading
 
 import numpy as np
 import pytest
 import zarr
-from ngio import Roi
+from ngio import Roi, open_ome_zarr_well
 
+from fractal_tasks.hcs import wells
 from fractal_tasks.hcs.errors import RegistrationInputError
 from fractal_tasks.hcs.roi_tables import stored_translations
 from fractal_tasks.hcs.wells import require_local
@@ -22,8 +26,15 @@ from fractal_tasks.registration.geometry import (
     same_value,
     window_pair,
 )
+from fractal_tasks.writer import swap
 from fractal_tasks.writer.pyramid import WindowPair, downsample, write_windows
-from fractal_tasks.writer.swap import exchange, recover, replace_directory
+from fractal_tasks.writer.swap import (
+    exchange,
+    lock_file,
+    reading,
+    recover,
+    replace_directory,
+)
 
 
 def test_consensus_windows_have_one_shape_and_one_place():
@@ -165,6 +176,64 @@ def test_recover_restores_an_interrupted_fallback_replace(tmp_path):
     os.listdir(tmp_path)
 
 
+def _two_images(tmp_path):
+    old, new = tmp_path / "img", tmp_path / "img.registering"
+    for folder, text in ((old, "old"), (new, "new")):
+        folder.mkdir()
+        (folder / "a").write_text(text)
+    return old, new
+
+
+def test_fallback_replace_says_so_once_at_info_and_leaves_its_lock(
+    tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setattr(swap, "exchange", lambda first, second: False)
+    swap._log_fallback_once.cache_clear()
+    caplog.set_level(logging.DEBUG, logger=swap.__name__)
+    for _ in range(2):
+        old, new = _two_images(tmp_path)
+        replace_directory(new, old)
+        assert (old / "a").read_text() == "new"
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".img.lock", "img"]
+        (old / "a").unlink(), old.rmdir()
+    assert [r.levelname for r in caplog.records] == ["INFO"]
+    assert lock_file(old) == tmp_path / ".img.lock"
+
+
+def test_a_reader_restores_an_image_left_aside_by_a_killed_replace(tmp_path):
+    aside = tmp_path / "img.replaced"
+    aside.mkdir()
+    (aside / "a").write_text("old")
+    with reading(tmp_path / "img"):
+        assert (tmp_path / "img" / "a").read_text() == "old"
+    assert not aside.exists()
+
+
+def test_a_missing_image_stays_missing_for_its_reader(tmp_path):
+    with reading(tmp_path / "img"):
+        assert not (tmp_path / "img").exists()
+
+
+def test_a_replace_waits_for_a_reader_in_another_thread(tmp_path, monkeypatch):
+    # fcntl locks do not tell threads of one process apart: swap must
+    monkeypatch.setattr(swap, "exchange", lambda first, second: False)
+    old, new = _two_images(tmp_path)
+    replaced = threading.Event()
+
+    def replace():
+        replace_directory(new, old)
+        replaced.set()
+
+    with reading(old), reading(old):  # nested readers in one thread too
+        writer = threading.Thread(target=replace)
+        writer.start()
+        assert not replaced.wait(0.3)
+        assert (old / "a").read_text() == "old"
+    assert replaced.wait(10)
+    writer.join()
+    assert (old / "a").read_text() == "new"
+
+
 @pytest.mark.parametrize(
     "dtype", [np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32]
 )
@@ -288,3 +357,27 @@ def test_urls_with_a_scheme_are_refused(url, fix):
     with pytest.raises(RegistrationInputError, match="NFS, GPFS, Lustre, CephFS") as e:
         require_local(url)
     assert fix in str(e.value) and repr(url) in str(e.value)
+
+
+def test_well_metadata_briefly_missing_is_read_again(make_plate, monkeypatch):
+    plate = make_plate()
+    well_url = f"{plate.plate_url}/B/03"
+    calls = []
+
+    def flaky(url, **options):
+        calls.append(url)
+        # as while another run renames the metadata over
+        if len(calls) == 1:
+            raise zarr.errors.GroupNotFoundError(url)
+        if len(calls) == 2:
+            raise json.JSONDecodeError("empty", "", 0)
+        return open_ome_zarr_well(url, **options)
+
+    monkeypatch.setattr(wells, "open_ome_zarr_well", flaky)
+    monkeypatch.setattr(wells, "WELL_READ_PAUSES_S", (0, 0, 0))
+    assert len(wells.open_well(well_url).paths()) == 3
+    assert len(calls) == 3
+    monkeypatch.setattr(wells, "WELL_READ_PAUSES_S", (0,))
+    calls.clear()
+    with pytest.raises(RegistrationInputError, match="no valid OME-Zarr well"):
+        wells.open_well(well_url)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import time
 import warnings
 from pathlib import Path
 
+import zarr
 from ngio import OmeZarrWell, open_ome_zarr_well
 from ngio.utils import NgioUserWarning, NgioValueError
 
@@ -66,6 +69,18 @@ def split_image_url(zarr_url: str) -> tuple[str, str]:
     return "/".join(parts[:-1]), parts[-1]
 
 
+WELL_READ_PAUSES_S = (0.01, 0.05, 0.2, 0.5)
+"""Pauses (seconds) between reads of well metadata that is missing or malformed.
+
+Other runs add their images to the well meanwhile: zarr writes the metadata
+file beside itself and renames it over the old one. Some file systems do that
+rename in two steps when another process has the old file open (FUSE mounts
+hide it first, as an NFS client may "silly-rename" it), so the file is briefly
+missing. Under a second in all; metadata that stays bad is reported after the
+last read.
+"""
+
+
 def open_well(well_url: str) -> OmeZarrWell:
     """Open the well of an HCS plate, with errors that say what is wrong.
 
@@ -78,16 +93,28 @@ def open_well(well_url: str) -> OmeZarrWell:
             f"Well {well_url!r} does not exist. Check the zarr_url: it must point "
             "to an image inside an existing OME-Zarr HCS plate."
         )
+    for pause_s in WELL_READ_PAUSES_S:
+        with contextlib.suppress(*_UNREADABLE_WELL):
+            return _read_well(well_url)
+        time.sleep(pause_s)
     try:
-        well = open_ome_zarr_well(well_url)
-        well.paths()
-    except MISSING_OR_MALFORMED as error:
+        return _read_well(well_url)
+    except _UNREADABLE_WELL as error:
         raise RegistrationInputError(
             f"{well_url!r} has no valid OME-Zarr well metadata ({error}). The "
             "images must live in an HCS plate (plate/row/column/image); repair or "
             "re-create the well's .zattrs/zarr.json, e.g. by re-running the "
             "converter."
         ) from error
+
+
+_UNREADABLE_WELL = (*MISSING_OR_MALFORMED, zarr.errors.GroupNotFoundError)
+
+
+def _read_well(well_url: str) -> OmeZarrWell:
+    # cached: later reads through this object would meet the same moments
+    well = open_ome_zarr_well(well_url, cache=True)
+    well.paths()  # decodes the metadata, which opening alone does not
     return well
 
 

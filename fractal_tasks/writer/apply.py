@@ -2,7 +2,7 @@
 
 Everything is checked before anything is written, and the input is only ever
 opened read-only. The new image is built in a scratch directory next to the
-input (``<image>.registering``): a copy of the input's folder in which the
+input (``<well>/.registering/<image>``): a copy of the input's folder in which the
 image's and the labels' arrays start empty with their own metadata
 (``writer.image_tree``), then receive the registered pixels. Only when it is
 complete does it replace its destination (``writer.swap``). A run that is
@@ -12,6 +12,7 @@ scratch directory, a killed run's is deleted by the next run.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shutil
@@ -50,12 +51,19 @@ from fractal_tasks.registration.geometry import (
 )
 from fractal_tasks.writer.image_tree import copy_skeleton, refresh_consolidated_metadata
 from fractal_tasks.writer.pyramid import Aggregation, WindowPair, write_windows
-from fractal_tasks.writer.swap import recover, replace_directory
+from fractal_tasks.writer.swap import (
+    reading,
+    recover,
+    replace_directory,
+    updating,
+)
 
 logger = logging.getLogger(__name__)
 
 PROVENANCE_KEY = "fractal_tasks_registration"
-SCRATCH_SUFFIX = ".registering"
+# A folder without zarr metadata: zarr neither lists nor consolidates what is
+# in it, so a half-built image never shows in a plate's consolidated metadata.
+SCRATCH_FOLDER = ".registering"
 REGISTERED_SUFFIX = "_registered"
 
 
@@ -99,7 +107,7 @@ class ApplyPlan:
     @property
     def scratch(self) -> Path:
         """Where the new image is built before it is put in place."""
-        return self.destination.with_name(self.destination.name + SCRATCH_SUFFIX)
+        return self.destination.parent / SCRATCH_FOLDER / self.destination.name
 
     @property
     def output_url(self) -> str:
@@ -193,8 +201,6 @@ def plan_apply(
     """
     zarr_url = zarr_url.rstrip("/")
     well_url, image_path = split_image_url(zarr_url)
-    if image_path.endswith(SCRATCH_SUFFIX):
-        raise RegistrationInputError(f"{zarr_url!r} is a scratch directory.")
     well = open_well(well_url)
     acquisition_of(well, well_url, image_path)
     ref_path = reference_path(well, well_url, image_path, reference_acquisition)
@@ -203,22 +209,25 @@ def plan_apply(
         zarr_url if overwrite_input else f"{zarr_url}{REGISTERED_SUFFIX}"
     )
     recover(destination)
-    acquisition = open_image(zarr_url, read_only=True)
-    reference = open_image(reference_url, read_only=True)
-    for container, url in ((acquisition, zarr_url), (reference, reference_url)):
-        if registered_roi_table not in container.list_tables():
-            raise RegistrationInputError(
-                f"Registered ROI table {registered_roi_table!r} not found in {url!r}."
-                " Run 'Calculate Registration (image-based)' and 'Find Registration "
-                "Consensus' before 'Apply Registration to Image', and check the "
-                "table name."
-            )
-    ref_rois, acq_rois = load_paired_rois(
-        reference, acquisition, registered_roi_table, reference_url, zarr_url
-    )
+    # the reference may be replaced by its own apply run meanwhile
+    with reading(Path(reference_url)):
+        acquisition = open_image(zarr_url, read_only=True)
+        reference = open_image(reference_url, read_only=True)
+        for container, url in ((acquisition, zarr_url), (reference, reference_url)):
+            if registered_roi_table not in container.list_tables():
+                raise RegistrationInputError(
+                    f"Registered ROI table {registered_roi_table!r} not found in "
+                    f"{url!r}. Run 'Calculate Registration (image-based)' and 'Find "
+                    "Registration Consensus' before 'Apply Registration to Image', "
+                    "and check the table name."
+                )
+        ref_rois, acq_rois = load_paired_rois(
+            reference, acquisition, registered_roi_table, reference_url, zarr_url
+        )
+        ref_geometry = spatial_geometry(reference.get_image())
+        tables = _read_tables(acquisition, reference, zarr_url, reference_url)
     image_levels = [acquisition.get_image(path=p) for p in acquisition.level_paths]
     geometry = spatial_geometry(image_levels[0])
-    ref_geometry = spatial_geometry(reference.get_image())
     if not geometry.same_grid(ref_geometry):
         raise RegistrationInputError(
             f"{zarr_url!r} (pixel µm, shape {geometry}) and its reference "
@@ -260,7 +269,6 @@ def plan_apply(
         left_out.add("labels")
     if not overwrite_input and destination.exists():
         _require_ours(destination)
-    tables = _read_tables(acquisition, reference, zarr_url, reference_url)
     left_out.update(f"tables/{name}" for name, url in tables.items() if url != zarr_url)
     return ApplyPlan(
         zarr_url=zarr_url,
@@ -397,8 +405,9 @@ def _copy_tables(plan: ApplyPlan, scratch: Path) -> None:
     folder = scratch / "tables"
     version = zarr.open_group(str(scratch), mode="r").metadata.zarr_format
     group = zarr.open_group(str(folder), mode="a", zarr_format=version)
-    for name in from_reference:
-        shutil.copytree(Path(plan.reference_url, "tables", name), folder / name)
+    with reading(Path(plan.reference_url)):
+        for name in from_reference:
+            shutil.copytree(Path(plan.reference_url, "tables", name), folder / name)
     found = group.attrs.get("tables", [])
     listed = [str(n) for n in found] if isinstance(found, list) else []
     missing = [name for name in plan.tables if name not in listed]
@@ -414,6 +423,7 @@ def write_registered(plan: ApplyPlan, workers: int) -> None:
     scratch = plan.scratch
     shutil.rmtree(scratch, ignore_errors=True)  # leftover of a killed run
     emptied = [path for m in plan.multiscales for path in m.array_paths()]
+    _make_scratch(scratch)
     try:
         copy_skeleton(Path(plan.zarr_url), scratch, emptied, plan.left_out)
         # Tables are small files: copy them while the pixels are written.
@@ -431,7 +441,32 @@ def write_registered(plan: ApplyPlan, workers: int) -> None:
         refresh_consolidated_metadata(scratch)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
+        _remove_if_empty(scratch.parent)
         raise
+
+
+def _make_scratch(scratch: Path) -> None:
+    """Create the empty scratch directory, and its shared parent if needed.
+
+    Another run removes the parent once it is empty; a parent removed between
+    our two ``mkdir`` calls is simply made again.
+    """
+    while True:
+        scratch.parent.mkdir(exist_ok=True)
+        try:
+            scratch.mkdir()
+            return
+        except FileNotFoundError:
+            continue
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove ``folder`` unless it holds something (another run's scratch)."""
+    try:
+        folder.rmdir()
+    except OSError as error:
+        if error.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+            raise
 
 
 def _write_pixels(plan: ApplyPlan, scratch: Path, workers: int) -> None:
@@ -455,23 +490,27 @@ def commit(plan: ApplyPlan) -> dict:
     kept it) is refreshed afterwards, so that readers trusting it see the new
     image.
     """
-    replace_directory(plan.scratch, plan.destination)
-    logger.info("Registered image in place at %s.", plan.destination)
-    if plan.overwrite_input:
-        updates = {"image_list_updates": [{"zarr_url": plan.zarr_url}]}
-    else:
-        new_path = plan.destination.name
-        well = open_well(plan.well_url)
-        acquisition = acquisition_of(well, plan.well_url, plan.image_path)
-        if add_image_to_well(plan.well_url, new_path, acquisition):
-            logger.info("Added %s to the metadata of well %s.", new_path, plan.well_url)
-        updates = {
-            "image_list_updates": [
-                {"zarr_url": plan.output_url, "origin": plan.zarr_url}
-            ]
-        }
     well_folder = Path(plan.well_url)
-    for group in (well_folder, well_folder.parent, well_folder.parent.parent):
-        if refresh_consolidated_metadata(group):
-            logger.info("Refreshed the consolidated metadata of %s.", group)
+    plate_folder = well_folder.parent.parent
+    # one commit at a time per plate, so that no refresh misses another's image
+    with updating(plate_folder):
+        replace_directory(plan.scratch, plan.destination)
+        _remove_if_empty(plan.scratch.parent)
+        logger.info("Registered image in place at %s.", plan.destination)
+        if plan.overwrite_input:
+            updates = {"image_list_updates": [{"zarr_url": plan.zarr_url}]}
+        else:
+            new_path = plan.destination.name
+            well = open_well(plan.well_url)
+            acquisition = acquisition_of(well, plan.well_url, plan.image_path)
+            if add_image_to_well(plan.well_url, new_path, acquisition):
+                logger.info("Added %s to the metadata of well %s.", new_path, plan.well_url)
+            updates = {
+                "image_list_updates": [
+                    {"zarr_url": plan.output_url, "origin": plan.zarr_url}
+                ]
+            }
+        for group in (well_folder, well_folder.parent, well_folder.parent.parent):
+            if refresh_consolidated_metadata(group):
+                logger.info("Refreshed the consolidated metadata of %s.", group)
     return updates

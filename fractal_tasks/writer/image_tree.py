@@ -34,7 +34,7 @@ def copy_skeleton(
 
     Args:
         source: The input image's folder.
-        target: Where the copy goes; must not exist.
+        target: Where the copy goes: an empty folder.
         emptied: Arrays (paths relative to ``source``, e.g. ``"0"`` or
             ``"labels/nuclei/s1"``) copied without their chunks: only the
             metadata files directly in the array's folder.
@@ -49,7 +49,7 @@ def copy_skeleton(
         prefix = "" if relative == "." else f"{relative}/"
         return [n for n in names if f"{prefix}{n}" in left_out]
 
-    shutil.copytree(source, target, ignore=ignore)
+    shutil.copytree(source, target, ignore=ignore, dirs_exist_ok=True)
 
 
 def has_consolidated_metadata(group: Path) -> bool:
