@@ -1,8 +1,8 @@
 """Unit tests of the pure core: geometry, writer, atomic replace, HCS pairing."""
 
-import math
 import json
 import logging
+import math
 import os
 import threading
 

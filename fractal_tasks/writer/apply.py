@@ -504,7 +504,9 @@ def commit(plan: ApplyPlan) -> dict:
             well = open_well(plan.well_url)
             acquisition = acquisition_of(well, plan.well_url, plan.image_path)
             if add_image_to_well(plan.well_url, new_path, acquisition):
-                logger.info("Added %s to the metadata of well %s.", new_path, plan.well_url)
+                logger.info(
+                    "Added %s to the metadata of well %s.", new_path, plan.well_url
+                )
             updates = {
                 "image_list_updates": [
                     {"zarr_url": plan.output_url, "origin": plan.zarr_url}
