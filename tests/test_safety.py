@@ -2,7 +2,8 @@
 
 Every image of a well is applied at once, the reference included, as a Fractal
 job does; apply processes are killed with SIGKILL at random moments. The plate
-must always hold complete images, and a re-run must finish the job.
+must always hold complete images, and a re-run must finish the job. No apply
+may log a warning or raise a Python warning (Fractal flags such images).
 
 By default each test runs a few rounds; with ``FRACTAL_TASKS_LONG_TESTS=1`` in
 the environment (as CI's ``.ci/run`` sets it) the full counts: 20 whole-well
@@ -11,12 +12,14 @@ sets the number of whole-well rounds (to measure a failure rate).
 """
 
 import contextlib
+import logging
 import multiprocessing
 import os
 import random
 import shutil
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -56,12 +59,33 @@ REPLACES = 1000 if LONG else 200
 FUSE_MOUNT = os.environ.get("FRACTAL_TASKS_FUSE_MOUNT")
 
 
+class _Collect(logging.Handler):
+    """Every record at WARNING or above, from any logger."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.said: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.said.append(f"{record.levelname} {record.getMessage()}")
+
+
 def _apply(url, overwrite, barrier=None):
+    """Apply one image; fail if it warns (Fractal flags the image's log)."""
     if barrier is not None:
         barrier.wait()
-    apply_registration_to_image(
-        zarr_url=url, registered_roi_table=TABLE, overwrite_input=overwrite
-    )
+    collect = _Collect()
+    logging.getLogger().addHandler(collect)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            apply_registration_to_image(
+                zarr_url=url, registered_roi_table=TABLE, overwrite_input=overwrite
+            )
+    finally:
+        logging.getLogger().removeHandler(collect)
+    said = collect.said + [f"{w.category.__name__} {w.message}" for w in caught]
+    assert said == [], f"{url}: {said}"
 
 
 def _add(well_url, path, barrier):
