@@ -10,10 +10,10 @@ from ngio import open_ome_zarr_container
 from fractal_tasks.apply_registration_to_image import apply_registration_to_image
 from fractal_tasks.calculate_registration import calculate_registration
 from fractal_tasks.find_consensus import find_consensus
+from fractal_tasks.hcs.swap import LOCK_SUFFIX
 from fractal_tasks.init_calculate_registration import init_calculate_registration
 from fractal_tasks.init_find_consensus import init_find_consensus
 from fractal_tasks.writer.pyramid import downsample
-from fractal_tasks.writer.swap import LOCK_SUFFIX
 
 
 def tree_hash(root) -> str:

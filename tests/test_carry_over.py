@@ -13,13 +13,13 @@ from _workflow import apply, calculate, consensus, urls_of
 from fractal_tasks.apply_registration_to_image import apply_registration_to_image
 from fractal_tasks.hcs.errors import RegistrationInputError
 from fractal_tasks.hcs.images import label_names
+from fractal_tasks.hcs.swap import LOCK_SUFFIX
 from fractal_tasks.writer.image_tree import (
     METADATA_FILES,
     copy_skeleton,
     has_consolidated_metadata,
     refresh_consolidated_metadata,
 )
-from fractal_tasks.writer.swap import LOCK_SUFFIX
 
 
 def _files(root):

@@ -11,12 +11,7 @@ import pytest
 import zarr
 from ngio import Roi, open_ome_zarr_well
 
-from fractal_tasks.hcs import wells
-from fractal_tasks.hcs.errors import RegistrationInputError
-from fractal_tasks.hcs.roi_tables import stored_translations
-from fractal_tasks.hcs.wells import require_local
-from fractal_tasks.registration.consensus import translations_px
-from fractal_tasks.registration.geometry import (
+from fractal_tasks.geometry import (
     Box,
     ImageGeometry,
     at_most,
@@ -26,15 +21,19 @@ from fractal_tasks.registration.geometry import (
     same_value,
     window_pair,
 )
-from fractal_tasks.writer import swap
-from fractal_tasks.writer.pyramid import WindowPair, downsample, write_windows
-from fractal_tasks.writer.swap import (
+from fractal_tasks.hcs import swap, wells
+from fractal_tasks.hcs.errors import RegistrationInputError
+from fractal_tasks.hcs.roi_tables import stored_translations
+from fractal_tasks.hcs.swap import (
     exchange,
     lock_file,
     reading,
     recover,
     replace_directory,
 )
+from fractal_tasks.hcs.wells import require_local
+from fractal_tasks.registration.consensus import translations_px
+from fractal_tasks.writer.pyramid import WindowPair, downsample, write_windows
 
 
 def test_consensus_windows_have_one_shape_and_one_place():

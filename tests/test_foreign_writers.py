@@ -28,8 +28,8 @@ from _foreign import (
 from _workflow import apply, calculate, consensus, windows
 from ngio import open_ome_zarr_container
 
+from fractal_tasks.hcs.swap import LOCK_SUFFIX
 from fractal_tasks.writer.apply import PROVENANCE_KEY
-from fractal_tasks.writer.swap import LOCK_SUFFIX
 
 MODES = {"replace": True, "new": False}  # id -> overwrite_input
 

@@ -28,9 +28,9 @@ from _workflow import calculate, consensus, urls_of
 from ngio import open_ome_zarr_container, open_ome_zarr_well
 
 from fractal_tasks.apply_registration_to_image import apply_registration_to_image
+from fractal_tasks.hcs import swap
+from fractal_tasks.hcs.swap import exchange, reading, replace_directory
 from fractal_tasks.hcs.wells import add_image_to_well
-from fractal_tasks.writer import swap
-from fractal_tasks.writer.swap import exchange, reading, replace_directory
 
 TABLE = "FOV_ROI_table_registered"
 CTX = multiprocessing.get_context("forkserver")

@@ -17,9 +17,9 @@ import zarr
 from ngio import OmeZarrContainer, Roi
 from ngio.tables import RoiTable, Table, write_table
 
+from fractal_tasks.geometry import SPATIAL_AXES, ImageGeometry
 from fractal_tasks.hcs.errors import RegistrationInputError
-from fractal_tasks.registration.geometry import SPATIAL_AXES, ImageGeometry
-from fractal_tasks.writer.swap import replace_directory
+from fractal_tasks.hcs.swap import replace_directory
 
 TRANSLATION_COLUMNS = {axis: f"translation_{axis}" for axis in SPATIAL_AXES}
 

@@ -2,7 +2,6 @@
 
 ``shift`` estimates one translation between two arrays and judges it from its
 own evidence; ``calculate`` runs it per ROI pair of two OME-Zarr images and
-builds the tables; ``geometry`` is integer level-0 pixel arithmetic on ROI
-boxes; ``consensus`` turns stored translations into the windows every
+builds the tables; ``consensus`` turns stored translations into the windows every
 acquisition shows.
 """

@@ -24,15 +24,15 @@ from ngio import OmeZarrContainer, Roi
 from ngio.tables import ConditionTable
 from ngio.utils import NgioValueError
 
-from fractal_tasks.hcs.errors import RegistrationInputError
-from fractal_tasks.hcs.roi_tables import by_name, slices_um, spatial_geometry
-from fractal_tasks.registration.geometry import (
+from fractal_tasks.geometry import (
     Box,
     ImageGeometry,
     crop_to_common,
     roi_box,
     same_pixel_size,
 )
+from fractal_tasks.hcs.errors import RegistrationInputError
+from fractal_tasks.hcs.roi_tables import by_name, slices_um, spatial_geometry
 from fractal_tasks.registration.shift import (
     RegistrationMethod,
     RegistrationStatus,

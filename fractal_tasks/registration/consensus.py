@@ -11,9 +11,7 @@ from collections.abc import Mapping
 
 from ngio import Roi
 
-from fractal_tasks.hcs.errors import RegistrationInputError
-from fractal_tasks.hcs.roi_tables import slices_um, stored_translations
-from fractal_tasks.registration.geometry import (
+from fractal_tasks.geometry import (
     Box,
     ImageGeometry,
     box_slices_um,
@@ -22,6 +20,8 @@ from fractal_tasks.registration.geometry import (
     same_pixel_size,
     to_pixels,
 )
+from fractal_tasks.hcs.errors import RegistrationInputError
+from fractal_tasks.hcs.roi_tables import slices_um, stored_translations
 
 logger = logging.getLogger(__name__)
 

@@ -39,6 +39,7 @@ from ngio import OmeZarrContainer, open_ome_zarr_container
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from fractal_tasks.geometry import SPATIAL_AXES, roi_box
 from fractal_tasks.hcs.errors import RegistrationInputError
 from fractal_tasks.hcs.roi_tables import (
     by_name,
@@ -50,7 +51,6 @@ from fractal_tasks.hcs.roi_tables import (
 )
 from fractal_tasks.hcs.wells import acquisition_of, open_well, reference_path
 from fractal_tasks.registration.calculate import load_quality, open_level_pair
-from fractal_tasks.registration.geometry import SPATIAL_AXES, roi_box
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ opened read-only. The new image is built in a scratch directory next to the
 input (``<well>/.registering/<image>``): a copy of the input's folder in which the
 image's and the labels' arrays start empty with their own metadata
 (``writer.image_tree``), then receive the registered pixels. Only when it is
-complete does it replace its destination (``writer.swap``). A run that is
+complete does it replace its destination (``hcs.swap``). A run that is
 killed or fails leaves the user's image untouched; a failed run removes its
 scratch directory, a killed run's is deleted by the next run.
 """
@@ -28,12 +28,25 @@ from ngio.tables import ConditionTable, FeatureTable
 from ngio.utils import NgioValueError
 
 import fractal_tasks
+from fractal_tasks.geometry import (
+    SPATIAL_AXES,
+    ImageGeometry,
+    at_most,
+    same_value,
+    window_pair,
+)
 from fractal_tasks.hcs.errors import MISSING_OR_MALFORMED, RegistrationInputError
 from fractal_tasks.hcs.images import label_names, open_image, open_label_levels
 from fractal_tasks.hcs.roi_tables import (
     load_paired_rois,
     slices_um,
     spatial_geometry,
+)
+from fractal_tasks.hcs.swap import (
+    reading,
+    recover,
+    replace_directory,
+    updating,
 )
 from fractal_tasks.hcs.wells import (
     acquisition_of,
@@ -42,21 +55,8 @@ from fractal_tasks.hcs.wells import (
     reference_path,
     split_image_url,
 )
-from fractal_tasks.registration.geometry import (
-    SPATIAL_AXES,
-    ImageGeometry,
-    at_most,
-    same_value,
-    window_pair,
-)
 from fractal_tasks.writer.image_tree import copy_skeleton, refresh_consolidated_metadata
 from fractal_tasks.writer.pyramid import Aggregation, WindowPair, write_windows
-from fractal_tasks.writer.swap import (
-    reading,
-    recover,
-    replace_directory,
-    updating,
-)
 
 logger = logging.getLogger(__name__)
 

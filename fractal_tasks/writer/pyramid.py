@@ -36,7 +36,7 @@ from typing import Literal
 import numpy as np
 import zarr
 
-from fractal_tasks.registration.geometry import Box
+from fractal_tasks.geometry import Box
 from fractal_tasks.writer.buffers import BufferPool
 from fractal_tasks.writer.chunk_io import (
     ChunkAccess,
