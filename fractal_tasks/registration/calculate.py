@@ -34,6 +34,12 @@ from fractal_tasks.geometry import (
 from fractal_tasks.hcs.errors import RegistrationInputError
 from fractal_tasks.hcs.roi_tables import by_name, slices_um, spatial_geometry
 from fractal_tasks.registration.shift import (
+    NCC_AFTER,
+    NCC_GAIN,
+    OFFSET_CHECK,
+    PEAK_ELONGATION,
+    PEAK_SIGNIFICANCE,
+    SATURATED,
     RegistrationMethod,
     RegistrationStatus,
     ShiftEstimate,
@@ -57,22 +63,36 @@ downsampled level is 12 level-0 px, about 4 µm at 0.33 µm/px)."""
 RETRY_MAX_PX = 2**23
 """Largest ROI, in pixels (voxels in 3D) per image of the pair, read at a finer
 level when the estimate at the ROI's level fails its evidence. 2**23 (8.4 Mpx,
-67 MB per image as float64 before the FFTs) holds a whole sCMOS frame
+34 MB per image as float32 before the FFTs) holds a whole sCMOS frame
 (2048x2048, 2160x2560, 2304x2304 px) at level 0, so a failed field of view can
 be retried down to full resolution; a whole-well ROI (10^8 px at level 0) or a
 3D stack at full resolution stops at the finest level where it fits."""
 
-QUALITY_COLUMNS = (
-    "registration_status",
-    "registration_note",
-    "ncc_before",
-    "ncc_after",
-    "peak_significance",
-    "peak_elongation",
-    "offset_check",
-    "saturated",
-    "level_path",
-)
+QUALITY_COLUMNS = {
+    "registration_status": "`ok`, `fallback` (replaced by the median of the good "
+    "ROIs) or `failed` (no good ROI and `keep_zero_if_all_failed=True`)",
+    "registration_note": "why a ROI is not `ok`",
+    "ncc_before": "normalized cross-correlation (-1..1) of the prepared "
+    "registration channel (rescaled, smooth background removed) without the shift",
+    "ncc_after": "the same with the shift, rounded to whole pixels; "
+    f"{NCC_AFTER.needed} is needed, and {NCC_GAIN.needed} for "
+    f"`{NCC_GAIN.column}`",
+    "peak_significance": "height of the correlation peak in robust standard "
+    "deviations of the fine band of the correlation surface; "
+    f"{PEAK_SIGNIFICANCE.needed} is needed",
+    "peak_elongation": "ratio of the peak's widths along its principal directions "
+    "in y/x (about 1: round; a ridge means an edge that fixes the shift across "
+    f"it, not along it); {PEAK_ELONGATION.needed} is needed",
+    "offset_check": "where the match lands on crops offset by a known step, as a "
+    "fraction of that step from where moving content puts it (0: moved with the "
+    f"content; about 1: stayed with the image frame); {OFFSET_CHECK.needed} is "
+    "needed",
+    "saturated": "share (0..1) of the overlap where either image is at its "
+    f"maximum value (clipped); {SATURATED.needed} is needed",
+    "level_path": "the level the ROI was read at",
+}
+"""The quality table's columns and what each holds; the docs are generated
+from it (``fractal_tasks.dev.docs``)."""
 
 
 def quality_table_name(input_roi_table: str) -> str:

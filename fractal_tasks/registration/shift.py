@@ -130,8 +130,9 @@ class ShiftEstimate:
             rounded to whole pixels. NaN if either part is constant or the
             overlap is empty.
         peak_significance: Height of the correlation peak in robust standard
-            deviations (1.4826 MAD) of the correlation surface: about 4-5 for
-            images that have nothing in common, 15 and more for a clear match.
+            deviations (1.4826 MAD) of the correlation surface: low for
+            images that have nothing in common (see ``PEAK_SIGNIFICANCE``),
+            15 and more for a clear match.
             0 for a constant image. Measured on the fine band of the surface
             (periods below about 8 px), so that a match resting on smooth
             shading alone (illumination, a defocused cycle) does not count.
@@ -997,75 +998,145 @@ def estimate_shift(
 # --------------------------------------------------------------------------
 # verdicts
 # --------------------------------------------------------------------------
-MIN_PEAK_SIGNIFICANCE = 10.0
-MAX_PEAK_ELONGATION = 2.5
-MAX_OFFSET_CHECK = 0.5
-MIN_NCC_AFTER = 0.1
-MIN_NCC_GAIN = -0.02
-MAX_SATURATED = 0.5
+@dataclass(frozen=True)
+class Rule:
+    """One check of :func:`judge_estimate`: a value of the estimate and its limit.
+
+    Attributes:
+        column: The quality-table column the rule reads (or, for a rule on
+            two columns, how they combine).
+        limit: The limit, in the unit of the column.
+        at_least: True when the value must be at least ``limit``; False when
+            at most. NaN never passes.
+        means: What failing the rule says about the images, for the docs.
+        chosen: How the limit was chosen, and on which images.
+    """
+
+    column: str
+    limit: float
+    at_least: bool
+    means: str
+    chosen: str
+
+    def holds(self, value: float) -> bool:
+        """Whether ``value`` passes (False for NaN)."""
+        return value >= self.limit if self.at_least else value <= self.limit
+
+    @property
+    def needed(self) -> str:
+        """The limit in words, e.g. ``"at least 10"``."""
+        return f"{'at least' if self.at_least else 'at most'} {self.limit:g}"
+
+
+_IN_SAMPLE = (
+    "on the whole real-image corpus (benchmarks/corpus.py), the images "
+    "benchmarks/registration_corpus.py then reports on: in-sample"
+)
+SATURATED = Rule(
+    "saturated",
+    0.5,
+    False,
+    "most of the overlap is clipped in one of the images: the shift rests on "
+    "the few pixels left, whose shapes the clipping changed",
+    f"half of the overlap, a round limit; the saturated failure cases {_IN_SAMPLE}",
+)
+PEAK_SIGNIFICANCE = Rule(
+    "peak_significance",
+    10.0,
+    True,
+    "no match stands out of the fine band of the correlation surface (empty, "
+    "saturated, defocused or unrelated images, smooth shading only)",
+    f"above the 3-6 that unrelated images score, {_IN_SAMPLE}",
+)
+PEAK_ELONGATION = Rule(
+    "peak_elongation",
+    2.5,
+    False,
+    "the peak is a ridge: an edge fixes the shift across it but not along it",
+    _IN_SAMPLE,
+)
+OFFSET_CHECK = Rule(
+    "offset_check",
+    0.5,
+    False,
+    "the match stays with the image frame instead of moving with the content "
+    "(vignetting, a smooth gradient, a fixed pattern: no unique answer)",
+    "halfway between moving with the content (0) and staying with the frame "
+    f"(1); {_IN_SAMPLE}",
+)
+NCC_GAIN = Rule(
+    "ncc_after - ncc_before",
+    -0.02,
+    True,
+    "the shift makes the images agree less than no shift at all",
+    "a true shift below half a pixel rounds to 0 and gains nothing; -0.02 "
+    f"allows for that, {_IN_SAMPLE}",
+)
+NCC_AFTER = Rule(
+    "ncc_after",
+    0.1,
+    True,
+    "the images have too little in common",
+    _IN_SAMPLE,
+)
+RULES = (
+    SATURATED,
+    PEAK_SIGNIFICANCE,
+    PEAK_ELONGATION,
+    OFFSET_CHECK,
+    NCC_GAIN,
+    NCC_AFTER,
+)
+"""The checks of :func:`judge_estimate`, in the order they are applied."""
 
 
 def judge_estimate(estimate: ShiftEstimate) -> Verdict:
     """Judge one estimate by the evidence of its own registration.
 
-    Checks, in this order (the first failure gives the reason):
-
-    1. Both NCC values are defined: else a constant image or no overlap.
-    2. ``saturated <= 0.5``: else most of the overlap is clipped in one of the
-       images (a fact about the data, reported as such): the shift rests on
-       the few pixels left, whose shapes the clipping changed.
-    3. ``peak_significance >= 10``: else no match stands out of the fine
-       band of the correlation surface (empty, saturated, defocused or
-       unrelated images, smooth shading only; unrelated images score 3-6).
-    4. ``peak_elongation <= 2.5``: else the peak is a ridge: an edge fixes the
-       shift across it but not along it.
-    5. ``offset_check <= 0.5``: else the match stays with the image frame
-       instead of moving with the content.
-    6. ``ncc_after >= ncc_before - 0.02``: else the shift makes the images
-       agree less than no shift at all (-0.02: a true shift below half a
-       pixel rounds to 0, so there may be no gain).
-    7. ``ncc_after >= 0.1``: else the images have too little in common.
+    First both NCC values must be defined (else a constant image or no
+    overlap); then each of :data:`RULES` in order, the first failure giving
+    the reason.
     """
     e = estimate
     if not (math.isfinite(e.ncc_before) and math.isfinite(e.ncc_after)):
         return Verdict(False, "correlation undefined (constant image or empty overlap)")
-    if e.saturated > MAX_SATURATED:
+    if not SATURATED.holds(e.saturated):
         return Verdict(
             False,
             f"saturated: {100 * e.saturated:.0f}% of the overlap is at the image's "
-            f"maximum value (> {100 * MAX_SATURATED:.0f}%), the shift rests on "
+            f"maximum value (> {100 * SATURATED.limit:.0f}%), the shift rests on "
             "the few unclipped pixels",
         )
-    if not e.peak_significance >= MIN_PEAK_SIGNIFICANCE:
+    if not PEAK_SIGNIFICANCE.holds(e.peak_significance):
         return Verdict(
             False,
             f"no significant correlation peak ({e.peak_significance:.1f} < "
-            f"{MIN_PEAK_SIGNIFICANCE:.1f} robust SD)",
+            f"{PEAK_SIGNIFICANCE.limit:.1f} robust SD)",
         )
-    if not e.peak_elongation <= MAX_PEAK_ELONGATION:
+    if not PEAK_ELONGATION.holds(e.peak_elongation):
         return Verdict(
             False,
             f"the correlation peak is a ridge (elongated {e.peak_elongation:.1f}:1 > "
-            f"{MAX_PEAK_ELONGATION:.1f}:1): the content fixes the shift across an "
+            f"{PEAK_ELONGATION.limit:.1f}:1): the content fixes the shift across an "
             "edge but not along it",
         )
-    if not e.offset_check <= MAX_OFFSET_CHECK:
+    if not OFFSET_CHECK.holds(e.offset_check):
         return Verdict(
             False,
             f"the match does not move with the content (offset check "
-            f"{e.offset_check:.2f} > {MAX_OFFSET_CHECK:.2f})",
+            f"{e.offset_check:.2f} > {OFFSET_CHECK.limit:.2f})",
         )
-    if e.ncc_after < e.ncc_before + MIN_NCC_GAIN:
+    if not NCC_GAIN.holds(e.ncc_after - e.ncc_before):
         return Verdict(
             False,
             f"no gain in correlation from the shift ({e.ncc_before:.2f} -> "
             f"{e.ncc_after:.2f})",
         )
-    if e.ncc_after < MIN_NCC_AFTER:
+    if not NCC_AFTER.holds(e.ncc_after):
         return Verdict(
             False,
             f"weak correlation after the shift ({e.ncc_after:.2f} < "
-            f"{MIN_NCC_AFTER:.2f})",
+            f"{NCC_AFTER.limit:.2f})",
         )
     return Verdict(True)
 
