@@ -120,6 +120,13 @@ def test_single_plane_axis_gets_zero() -> None:
     _assert_close(est2, (0.0, 4.4, -6.2), 0.15)
 
 
+def test_an_image_below_8_px_on_every_axis_gets_an_estimate() -> None:
+    # no axis long enough for the offset check's step: it must not crash
+    image = np.random.default_rng(3).random((6, 7))
+    est = estimate_shift(image, image)
+    assert est.shift == (0.0, 0.0)
+
+
 @pytest.mark.parametrize(
     "truth",
     [

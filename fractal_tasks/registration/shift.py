@@ -663,7 +663,7 @@ def _offset_check(ref: np.ndarray, mov: np.ndarray, shift: np.ndarray) -> float:
 @functools.lru_cache(maxsize=4)
 def _step_signs(n: int) -> tuple[np.ndarray, ...]:
     """Sign combinations of ``n`` axes: all +, all -, then mirrored pairs."""
-    combos = [np.array(c) for c in itertools.product((1, -1), repeat=n)]
+    combos = [np.array(c, dtype=int) for c in itertools.product((1, -1), repeat=n)]
     order: list[np.ndarray] = []
     for c in combos:  # each followed by its mirror image
         for o in (c, -c):
