@@ -299,6 +299,39 @@ def test_a_failed_roi_is_retried_at_each_finer_level_until_one_passes():
     assert _retry_reads("2", max_pixels=10**6)[1:] == ("2", ["2"])
 
 
+def test_a_passing_estimate_with_an_elongated_peak_is_confirmed_finer():
+    """Level 2 holds a streaky texture (elongation 1.9: passes, but above
+    CONFIRM_FINER), level 1 a round one: level 1 is read and kept; with
+    unrelated images at level 1 and 0, the level-2 estimate is kept."""
+    from scipy import ndimage
+
+    from fractal_tasks.registration.calculate import estimate_with_retry
+    from fractal_tasks.registration.shift import CONFIRM_FINER, estimate_shift
+
+    rng = np.random.default_rng(1)
+    noise = rng.random((64, 64)), rng.random((64, 64))
+    textures = {}
+    for name, sigma in (("streaks", (1, 2.5)), ("round", 2)):
+        t = ndimage.gaussian_filter(rng.random((96, 96)), sigma)
+        textures[name] = t[16:80, 16:80], t[13:77, 21:85]
+    assert not CONFIRM_FINER.holds(estimate_shift(*textures["streaks"]).peak_elongation)
+    for finer, want in (
+        (textures["round"], ("1", ["2", "1"])),
+        (noise, ("2", ["2", "1", "0"])),
+    ):
+        read = []
+
+        def read_pair(path, finer=finer, read=read):
+            read.append(path)
+            return textures["streaks"] if path == "2" else finer
+
+        estimate, path = estimate_with_retry(
+            read_pair, ["2", "1", "0"], pixels=lambda path: 4096, max_pixels=10**6
+        )
+        assert (path, read) == want
+        np.testing.assert_allclose(estimate.shift, [-3.0, 5.0], atol=0.05)
+
+
 def test_the_retry_skips_a_level_where_the_roi_exceeds_the_pixel_budget():
     """Level 0 would be 65536 px, over a budget of 20000: not read, and the
     failed estimate of the ROI's own level is kept."""

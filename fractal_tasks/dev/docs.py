@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fractal_tasks.registration.calculate import QUALITY_COLUMNS
-from fractal_tasks.registration.shift import RULES
+from fractal_tasks.registration.shift import CONFIRM_FINER, RULES
 
 REPO = Path(__file__).resolve().parents[2]
 DOCUMENTS = (
@@ -34,12 +34,18 @@ DOCUMENTS = (
 
 
 def verdict_rules() -> str:
-    """The rules of ``judge_estimate``, in order, as a markdown table."""
+    """The rules of ``judge_estimate`` as a markdown table, then CONFIRM_FINER."""
     rows = [
         "| value | needed | failing it means | how the limit was chosen |",
         "| --- | --- | --- | --- |",
     ]
     rows += [f"| `{r.column}` | {r.needed} | {r.means} | {r.chosen} |" for r in RULES]
+    confirm = CONFIRM_FINER
+    rows += [
+        "",
+        f"An estimate that passes with `{confirm.column}` above {confirm.limit:g}: "
+        f"{confirm.means}. Limit chosen {confirm.chosen}.",
+    ]
     return "\n".join(rows)
 
 

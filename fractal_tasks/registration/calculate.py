@@ -34,6 +34,7 @@ from fractal_tasks.geometry import (
 from fractal_tasks.hcs.errors import RegistrationInputError
 from fractal_tasks.hcs.roi_tables import by_name, slices_um, spatial_geometry
 from fractal_tasks.registration.shift import (
+    CONFIRM_FINER,
     NCC_AFTER,
     NCC_GAIN,
     OFFSET_CHECK,
@@ -290,10 +291,13 @@ def estimate_with_retry(
     :func:`judge_estimate`), the ROI is estimated at each finer level in turn
     (``paths[1]``, ``paths[2]``, ...) until an estimate passes, and that one is
     kept: a lone cell at a border, or an edge, may be too little at a 4x
-    downsampled level and enough at a 2x one or at full resolution. Only failed
-    ROIs pay for the finer reads, and a finer level is read only while the ROI
-    there is at most ``max_pixels`` per image. When no level passes, the
-    estimate at ``paths[0]`` is kept (and judged failed).
+    downsampled level and enough at a 2x one or at full resolution. An
+    estimate that passes but whose peak is elongated (``CONFIRM_FINER``) is
+    confirmed the same way: the finest estimate that passes is kept, and the
+    search stops at one whose peak is round. Only those ROIs pay for the finer
+    reads, and a finer level is read only while the ROI there is at most
+    ``max_pixels`` per image. When no level passes, the estimate at
+    ``paths[0]`` is kept (and judged failed).
 
     Args:
         read_pair: Reads ``(reference, acquisition)`` pixels of the ROI at a
@@ -308,16 +312,19 @@ def estimate_with_retry(
     Returns:
         The estimate kept and the path of its level.
     """
-    estimate = estimate_shift(*read_pair(paths[0]), **options)
-    if judge_estimate(estimate).good:
-        return estimate, paths[0]
+    first = estimate_shift(*read_pair(paths[0]), **options)
+    kept = (first, paths[0])
+    if judge_estimate(first).good and CONFIRM_FINER.holds(first.peak_elongation):
+        return kept
     for path in paths[1:]:
         if pixels(path) > max_pixels:
             break  # finer levels are larger still
         finer = estimate_shift(*read_pair(path), **options)
         if judge_estimate(finer).good:
-            return finer, path
-    return estimate, paths[0]
+            kept = (finer, path)  # finer and passing: the better
+            if CONFIRM_FINER.holds(finer.peak_elongation):
+                break
+    return kept
 
 
 def estimate_rois(

@@ -1079,6 +1079,19 @@ NCC_AFTER = Rule(
     "the images have too little in common",
     _IN_SAMPLE,
 )
+CONFIRM_FINER = Rule(
+    "peak_elongation",
+    1.5,
+    False,
+    "at a downsampled level, an edge or rim may hold the peak across it and "
+    "not along it: the ROI is read again at each finer level in turn, the "
+    "finest estimate that passes is kept and a round peak ends the search",
+    "by cost, on the calibration set: 2.4% of its good 2D FOVs at level 2 "
+    "exceed it and are read again; added after the held-out rims showed "
+    "estimates 1.3-20 px wrong with elongations of 1.9-2.5",
+)
+"""Not a verdict: when an estimate that passes :data:`RULES` is confirmed finer."""
+
 RULES = (
     SATURATED,
     PEAK_SIGNIFICANCE,
