@@ -438,8 +438,8 @@ def estimate_rois(
     retried = sorted(n for n, e in estimates.items() if e.level_path != chosen[n])
     if retried:
         logger.info(
-            "ROI(s) %s gave no reliable match at their level; estimated at a finer "
-            "level instead (level(s) %s).",
+            "ROI(s) %s gave no reliable match, or an elongated peak, at their "
+            "level; estimated at a finer level instead (level(s) %s).",
             retried,
             sorted({estimates[n].level_path for n in retried}),
         )
