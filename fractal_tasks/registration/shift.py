@@ -65,7 +65,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -1092,14 +1092,62 @@ CONFIRM_FINER = Rule(
 )
 """Not a verdict: when an estimate that passes :data:`RULES` is confirmed finer."""
 
-RULES = (
-    SATURATED,
-    PEAK_SIGNIFICANCE,
-    PEAK_ELONGATION,
-    OFFSET_CHECK,
-    NCC_GAIN,
-    NCC_AFTER,
+_Check = tuple[Rule, Callable[[ShiftEstimate], float], Callable[[ShiftEstimate], str]]
+_CHECKS: tuple[_Check, ...] = (
+    (
+        SATURATED,
+        lambda e: e.saturated,
+        lambda e: (
+            f"saturated: {100 * e.saturated:.0f}% of the overlap is at the "
+            f"image's maximum value (> {100 * SATURATED.limit:.0f}%), the shift rests "
+            "on the few unclipped pixels"
+        ),
+    ),
+    (
+        PEAK_SIGNIFICANCE,
+        lambda e: e.peak_significance,
+        lambda e: (
+            f"no significant correlation peak ({e.peak_significance:.1f} < "
+            f"{PEAK_SIGNIFICANCE.limit:.1f} robust SD)"
+        ),
+    ),
+    (
+        PEAK_ELONGATION,
+        lambda e: e.peak_elongation,
+        lambda e: (
+            f"the correlation peak is a ridge (elongated "
+            f"{e.peak_elongation:.1f}:1 > {PEAK_ELONGATION.limit:.1f}:1): the content "
+            "fixes the shift across an edge but not along it"
+        ),
+    ),
+    (
+        OFFSET_CHECK,
+        lambda e: e.offset_check,
+        lambda e: (
+            f"the match does not move with the content (offset check "
+            f"{e.offset_check:.2f} > {OFFSET_CHECK.limit:.2f})"
+        ),
+    ),
+    (
+        NCC_GAIN,
+        lambda e: e.ncc_after - e.ncc_before,
+        lambda e: (
+            f"no gain in correlation from the shift ({e.ncc_before:.2f} -> "
+            f"{e.ncc_after:.2f})"
+        ),
+    ),
+    (
+        NCC_AFTER,
+        lambda e: e.ncc_after,
+        lambda e: (
+            f"weak correlation after the shift ({e.ncc_after:.2f} < "
+            f"{NCC_AFTER.limit:.2f})"
+        ),
+    ),
 )
+"""Each rule with the value it reads and the note it gives when it fails."""
+
+RULES = tuple(rule for rule, _, _ in _CHECKS)
 """The checks of :func:`judge_estimate`, in the order they are applied."""
 
 
@@ -1113,44 +1161,9 @@ def judge_estimate(estimate: ShiftEstimate) -> Verdict:
     e = estimate
     if not (math.isfinite(e.ncc_before) and math.isfinite(e.ncc_after)):
         return Verdict(False, "correlation undefined (constant image or empty overlap)")
-    if not SATURATED.holds(e.saturated):
-        return Verdict(
-            False,
-            f"saturated: {100 * e.saturated:.0f}% of the overlap is at the image's "
-            f"maximum value (> {100 * SATURATED.limit:.0f}%), the shift rests on "
-            "the few unclipped pixels",
-        )
-    if not PEAK_SIGNIFICANCE.holds(e.peak_significance):
-        return Verdict(
-            False,
-            f"no significant correlation peak ({e.peak_significance:.1f} < "
-            f"{PEAK_SIGNIFICANCE.limit:.1f} robust SD)",
-        )
-    if not PEAK_ELONGATION.holds(e.peak_elongation):
-        return Verdict(
-            False,
-            f"the correlation peak is a ridge (elongated {e.peak_elongation:.1f}:1 > "
-            f"{PEAK_ELONGATION.limit:.1f}:1): the content fixes the shift across an "
-            "edge but not along it",
-        )
-    if not OFFSET_CHECK.holds(e.offset_check):
-        return Verdict(
-            False,
-            f"the match does not move with the content (offset check "
-            f"{e.offset_check:.2f} > {OFFSET_CHECK.limit:.2f})",
-        )
-    if not NCC_GAIN.holds(e.ncc_after - e.ncc_before):
-        return Verdict(
-            False,
-            f"no gain in correlation from the shift ({e.ncc_before:.2f} -> "
-            f"{e.ncc_after:.2f})",
-        )
-    if not NCC_AFTER.holds(e.ncc_after):
-        return Verdict(
-            False,
-            f"weak correlation after the shift ({e.ncc_after:.2f} < "
-            f"{NCC_AFTER.limit:.2f})",
-        )
+    for rule, value, reason in _CHECKS:
+        if not rule.holds(value(e)):
+            return Verdict(False, reason(e))
     return Verdict(True)
 
 
