@@ -12,10 +12,13 @@ from fractal_tasks.hcs.roi_tables import (
     load_rois,
     require_same_names,
     save_rois,
+    save_table,
     spatial_geometry,
     table_backend,
+    transform_table,
+    transform_table_name,
 )
-from fractal_tasks.registration.consensus import registered_rois
+from fractal_tasks.registration.consensus import registered_rois, stored_motions
 
 logger = logging.getLogger("find_consensus")
 
@@ -31,11 +34,16 @@ def find_consensus(
     """Write, per ROI name, the region visible in every acquisition of the well.
 
     For each ROI name of `input_roi_table`, the ROI of every acquisition is
-    moved by its translation (in whole level-0 pixels) onto the reference; the
-    intersection of these is the consensus. Each image of the well gets
-    `registered_roi_table`: for each ROI, the consensus window placed at that
-    image's own position (the same size in every image, an exact multiple of
-    the pixel size). The input table's other columns are kept.
+    moved by its transform onto the reference: by its translation (in whole
+    level-0 pixels), or rotated and translated where Calculate's
+    `transform="rigid"` stored a rotation. The consensus is the largest box
+    in whole level-0 pixels inside all of them (for translations: their
+    intersection). Each image of the well gets `registered_roi_table`: for
+    each ROI, the consensus window placed at that image's own position (the
+    same size in every image, an exact multiple of the pixel size), the
+    input table's other columns kept; and `<registered_roi_table>_transform`,
+    the transform of each ROI (rotation in degrees about the ROI's centre,
+    centre and translation in µm), which Apply executes.
 
     Args:
         zarr_url: Path or url to the individual OME-Zarr image to be processed.
@@ -80,9 +88,18 @@ def find_consensus(
         for url, container in containers.items()
     }
     backends = {url: table_backend(c, input_roi_table) for url, c in containers.items()}
-    registered = registered_rois(rois, geometries, zarr_url, input_roi_table)
+    motions = stored_motions(containers, rois, zarr_url, input_roi_table)
+    registered = registered_rois(rois, geometries, zarr_url, input_roi_table, motions)
     for url, container in containers.items():
         save_rois(container, url, registered_roi_table, registered[url], backends[url])
+        # what Apply executes: the transform of each window, rotation included
+        save_table(
+            container,
+            url,
+            transform_table_name(registered_roi_table),
+            transform_table(motions[url]),
+            backends[url],
+        )
     logger.info(
         "Wrote %s (%d ROI(s)) into %d image(s).",
         registered_roi_table,

@@ -14,6 +14,7 @@ from ngio import Roi, open_ome_zarr_well
 from fractal_tasks.geometry import (
     Box,
     ImageGeometry,
+    RigidTransform,
     at_most,
     consensus_windows,
     roi_box,
@@ -32,14 +33,15 @@ from fractal_tasks.hcs.swap import (
     replace_directory,
 )
 from fractal_tasks.hcs.wells import require_local
-from fractal_tasks.registration.consensus import translations_px
+from fractal_tasks.registration.consensus import stored_motions
 from fractal_tasks.writer.pyramid import WindowPair, downsample, write_windows
 
 
 def test_consensus_windows_have_one_shape_and_one_place():
     box = Box(("y", "x"), (0, 0), (100, 120))
     shifts = {"ref": {"y": 0, "x": 0}, "a": {"y": 3, "x": -5}, "b": {"y": -2, "x": 4}}
-    win = consensus_windows({k: box for k in shifts}, shifts)
+    moves = {k: RigidTransform(0.0, {}, v) for k, v in shifts.items()}
+    win = consensus_windows({k: box for k in shifts}, moves)
     assert {w.shape for w in win.values()} == {(95, 111)}
     assert win["ref"] == Box(("y", "x"), (3, 4), (98, 115))
     for name, w in win.items():
@@ -49,7 +51,8 @@ def test_consensus_windows_have_one_shape_and_one_place():
 def test_consensus_of_absurd_shift_is_empty():
     box = Box(("y", "x"), (0, 0), (10, 10))
     win = consensus_windows(
-        {"r": box, "a": box}, {"r": {"y": 0, "x": 0}, "a": {"y": 50, "x": 0}}
+        {"r": box, "a": box},
+        {"r": RigidTransform(), "a": RigidTransform(0.0, {}, {"y": 50, "x": 0})},
     )
     assert win["r"].is_empty
 
@@ -321,19 +324,32 @@ def test_stored_translations_all_none_or_a_clear_error():
         stored_translations(half, "u", "FOV_ROI_table")
 
 
+class _NoTables:
+    """A container without tables: no quality table, so no rotation."""
+
+    def list_tables(self) -> list[str]:
+        return []
+
+
 def test_consensus_needs_translations_in_every_acquisition():
-    pixel_um = {"z": 1.0, "y": 0.5, "x": 0.5}
     ref = {"A": _roi("A")}
     done = {"A": _roi("A", z=0.0, y=1.5, x=-2.0)}
-    shifts = translations_px({"r": ref, "a": done}, pixel_um, "r", "T")
-    assert shifts == {
-        "r": {"A": {"z": 0, "y": 0, "x": 0}},
-        "a": {"A": {"z": 0, "y": 3, "x": -4}},
+    containers = dict.fromkeys("rab", _NoTables())
+    motions = stored_motions(containers, {"r": ref, "a": done}, "r", "T")
+    assert motions["r"]["A"] == RigidTransform()
+    moved = motions["a"]["A"]
+    assert moved.rotation_deg == 0.0
+    assert moved.translation == {"z": 0.0, "y": 1.5, "x": -2.0}
+    assert moved.center == {"y": 5.0, "x": 5.0}
+    assert moved.in_pixels({"z": 1.0, "y": 0.5, "x": 0.5}).whole_pixel_shift("zyx") == {
+        "z": 0,
+        "y": 3,
+        "x": -4,
     }
     with pytest.raises(RegistrationInputError, match="No translations.*any"):
-        translations_px({"r": ref, "a": ref}, pixel_um, "r", "T")
+        stored_motions(containers, {"r": ref, "a": ref}, "r", "T")
     with pytest.raises(RegistrationInputError, match=r"no translations in \['b'\]"):
-        translations_px({"r": ref, "a": done, "b": ref}, pixel_um, "r", "T")
+        stored_motions(containers, {"r": ref, "a": done, "b": ref}, "r", "T")
 
 
 @pytest.mark.parametrize(

@@ -13,15 +13,29 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
+import pandas as pd
 import zarr
 from ngio import OmeZarrContainer, Roi
-from ngio.tables import RoiTable, Table, write_table
+from ngio.tables import ConditionTable, RoiTable, Table, write_table
 
-from fractal_tasks.geometry import SPATIAL_AXES, ImageGeometry
+from fractal_tasks.geometry import SPATIAL_AXES, ImageGeometry, RigidTransform
 from fractal_tasks.hcs.errors import RegistrationInputError
 from fractal_tasks.hcs.swap import replace_directory
 
 TRANSLATION_COLUMNS = {axis: f"translation_{axis}" for axis in SPATIAL_AXES}
+
+ROTATION_COLUMN = "rotation_deg"
+"""The quality table's column with each ROI's rotation (degrees, about the
+ROI's centre), the part of the transform a ROI table cannot hold: ngio warns
+about columns outside the ROI-table specification."""
+
+TRANSFORM_COLUMNS = (
+    ROTATION_COLUMN,
+    "center_y_micrometer",
+    "center_x_micrometer",
+    *TRANSLATION_COLUMNS.values(),
+)
+"""The transform table's columns: one rigid transform per ROI name, in µm."""
 
 ZARR_V3_CONSOLIDATED_WARNING = "Consolidated metadata is currently not part"
 """The start of zarr's warning on every zarr v3 group whose metadata is
@@ -175,6 +189,99 @@ def stored_translations(
             "(image-based)' on this acquisition."
         )
     return {name: value for name, value in found.items() if value is not None}
+
+
+def quality_table_name(input_roi_table: str) -> str:
+    """Name of the table holding the per-ROI verdicts of ``input_roi_table``."""
+    return f"{input_roi_table}_registration_quality"
+
+
+def transform_table_name(registered_roi_table: str) -> str:
+    """Name of the table holding the transform of each registered ROI."""
+    return f"{registered_roi_table}_transform"
+
+
+def roi_centre_um(roi: Roi) -> dict[str, float]:
+    """The (y, x) centre of a ROI in µm."""
+    return {a: b + n / 2 for a, (b, n) in slices_um(roi).items() if a in ("y", "x")}
+
+
+def stored_transforms(
+    container: OmeZarrContainer, rois: Mapping[str, Roi], zarr_url: str, table: str
+) -> dict[str, RigidTransform] | None:
+    """The transform Calculate stored for every ROI of one image (µm).
+
+    The translation from the ROI table (:func:`stored_translations`), the
+    rotation from the quality table's ``rotation_deg`` (0 where a table
+    lacks it: fractal-tasks-core, or an earlier version of this package),
+    about the ROI's centre.
+
+    Returns:
+        ``ROI name -> transform``, or None when no ROI has a translation.
+
+    Raises:
+        RegistrationInputError: As :func:`stored_translations`.
+    """
+    translations = stored_translations(rois, zarr_url, table)
+    if translations is None:
+        return None
+    rotations: dict[str, float] = {}
+    quality = quality_table_name(table)
+    if quality in container.list_tables():
+        frame = container.get_table(quality).dataframe
+        if ROTATION_COLUMN in frame:
+            for name, value in frame[ROTATION_COLUMN].items():
+                if not _missing(value):
+                    rotations[str(name)] = float(value)
+    return {
+        name: RigidTransform(rotations.get(name, 0.0), roi_centre_um(rois[name]), t)
+        for name, t in translations.items()
+    }
+
+
+def transform_table(transforms: Mapping[str, RigidTransform]) -> ConditionTable:
+    """Transforms (µm) by ROI name, as a condition table."""
+    rows = {
+        name: (
+            t.rotation_deg,
+            t.center.get("y", 0.0),
+            t.center.get("x", 0.0),
+            *(t.translation.get(a, 0.0) for a in TRANSLATION_COLUMNS),
+        )
+        for name, t in transforms.items()
+    }
+    frame = pd.DataFrame.from_dict(
+        rows, orient="index", columns=list(TRANSFORM_COLUMNS)
+    )
+    frame.index.name = "roi"
+    return ConditionTable(frame)
+
+
+def load_transforms(
+    container: OmeZarrContainer, registered_roi_table: str
+) -> dict[str, RigidTransform] | None:
+    """The transforms Consensus stored beside a registered ROI table.
+
+    Returns:
+        ``ROI name -> transform`` in µm; None when there is no such table
+        (written by fractal-tasks-core, or an earlier version of this
+        package: the windows alone then say the translation).
+    """
+    name = transform_table_name(registered_roi_table)
+    if name not in container.list_tables():
+        return None
+    frame = container.get_table(name).dataframe
+    out = {}
+    for roi, row in frame.iterrows():
+        out[str(roi)] = RigidTransform(
+            float(row[ROTATION_COLUMN]),
+            {
+                "y": float(row["center_y_micrometer"]),
+                "x": float(row["center_x_micrometer"]),
+            },
+            {a: float(row[c]) for a, c in TRANSLATION_COLUMNS.items()},
+        )
+    return out
 
 
 def _missing(value: object) -> bool:

@@ -9,51 +9,46 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from ngio import Roi
+from ngio import OmeZarrContainer, Roi
 
 from fractal_tasks.geometry import (
     Box,
     ImageGeometry,
+    RigidTransform,
     box_slices_um,
     consensus_windows,
     roi_box,
     same_pixel_size,
-    to_pixels,
 )
 from fractal_tasks.hcs.errors import RegistrationInputError
-from fractal_tasks.hcs.roi_tables import slices_um, stored_translations
+from fractal_tasks.hcs.roi_tables import slices_um, stored_transforms
 
 logger = logging.getLogger(__name__)
 
 
-def translations_px(
+def stored_motions(
+    containers: Mapping[str, OmeZarrContainer],
     rois: Mapping[str, Mapping[str, Roi]],
-    pixel_um: Mapping[str, float],
     reference_url: str,
     table: str,
-) -> dict[str, dict[str, dict[str, int]]]:
-    """Whole-pixel translation per image and ROI name; the reference's is zero.
+) -> dict[str, dict[str, RigidTransform]]:
+    """The transform (µm) per image and ROI name; the reference's is identity.
 
     Raises:
         RegistrationInputError: If no acquisition has translations (consensus
             before calculate), or some ROIs lack them.
     """
-    out: dict[str, dict[str, dict[str, int]]] = {}
+    out: dict[str, dict[str, RigidTransform]] = {}
     lacking = []
     for url, by_roi in rois.items():
         if url == reference_url:
-            out[url] = {name: {axis: 0 for axis in pixel_um} for name in by_roi}
+            out[url] = {name: RigidTransform() for name in by_roi}
             continue
-        stored = stored_translations(by_roi, url, table)
+        stored = stored_transforms(containers[url], by_roi, url, table)
         if stored is None:
             lacking.append(url)
             continue
-        out[url] = {
-            name: {
-                axis: to_pixels(t.get(axis, 0.0), pixel_um[axis]) for axis in pixel_um
-            }
-            for name, t in stored.items()
-        }
+        out[url] = stored
     if lacking and len(lacking) == len(rois) - 1:
         raise RegistrationInputError(
             f"No translations in ROI table {table!r} of any acquisition "
@@ -68,13 +63,33 @@ def translations_px(
     return out
 
 
+def _in_pixels(
+    motion: RigidTransform, pixel_um: Mapping[str, float], url: str, name: str
+) -> RigidTransform:
+    try:
+        return motion.in_pixels(pixel_um)
+    except ValueError as error:
+        raise RegistrationInputError(
+            f"ROI {name!r} of {url!r} is rotated by {motion.rotation_deg:.3f}°, "
+            f"but {error}. Resample the images to square pixels, or register "
+            'with transform="translation".'
+        ) from error
+
+
 def registered_rois(
     rois: Mapping[str, Mapping[str, Roi]],
     geometries: Mapping[str, ImageGeometry],
     reference_url: str,
     table: str,
+    motions: Mapping[str, Mapping[str, RigidTransform]],
 ) -> dict[str, list[Roi]]:
     """Registered ROIs of every image: the consensus window, placed per image.
+
+    The reference's window is the largest box, in whole level-0 pixels, that
+    lies inside every acquisition's ROI once moved onto the reference (for
+    translations: the boxes' common part). Each acquisition's window has
+    the same shape, placed where its transform takes the window's centre
+    from (for a translation: the reference's window shifted back).
 
     Args:
         rois: ``image URL -> ROI name -> ROI`` of the input table, the same
@@ -82,6 +97,8 @@ def registered_rois(
         geometries: ``image URL -> pixel size and shape`` at level 0.
         reference_url: The reference image (translation zero).
         table: Input table name, for messages.
+        motions: ``image URL -> ROI name -> transform`` in µm, from
+            :func:`stored_motions`.
 
     Returns:
         ``image URL -> ROIs`` with the window in µm (exact multiples of the
@@ -100,7 +117,6 @@ def registered_rois(
                 "shifts images; resample the acquisitions to the reference's pixel "
                 "size."
             )
-    shifts = translations_px(rois, pixel_um, reference_url, table)
     out: dict[str, list[Roi]] = {url: [] for url in rois}
     for name in rois[reference_url]:
         boxes: dict[str, Box] = {}
@@ -112,14 +128,24 @@ def registered_rois(
                     f"{url!r}. Fix the ROI table."
                 )
             boxes[url] = box
-        windows = consensus_windows(boxes, {u: shifts[u][name] for u in rois})
+        moves = {u: _in_pixels(motions[u][name], pixel_um, u, name) for u in rois}
+        windows = consensus_windows(boxes, moves)
         if windows[reference_url].is_empty:
-            moves = {u: shifts[u][name] for u in rois}
+            shown = {
+                u: {
+                    "translation_px": {
+                        a: round(v, 2) for a, v in m.translation.items()
+                    },
+                    "rotation_deg": round(m.rotation_deg, 3),
+                }
+                for u, m in moves.items()
+            }
             raise RegistrationInputError(
                 f"ROI {name!r}: no region is visible in every acquisition (the "
-                f"window would be {windows[reference_url].shape} px). Translations "
-                f"in px per image: {moves}. One of them is probably wrong: check "
-                "its registration_status, or exclude that acquisition."
+                f"window would be {windows[reference_url].shape} px). Translation "
+                f"(px) and rotation per image: {shown}. One of them is probably "
+                "wrong: check its registration_status, or exclude that "
+                "acquisition."
             )
         for url, window in windows.items():
             out[url].append(_with_window(rois[url][name], window, pixel_um))
