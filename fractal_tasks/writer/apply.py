@@ -31,6 +31,7 @@ import fractal_tasks
 from fractal_tasks.geometry import (
     SPATIAL_AXES,
     ImageGeometry,
+    RigidTransform,
     at_most,
     same_value,
     window_pair,
@@ -39,8 +40,10 @@ from fractal_tasks.hcs.errors import MISSING_OR_MALFORMED, RegistrationInputErro
 from fractal_tasks.hcs.images import label_names, open_image, open_label_levels
 from fractal_tasks.hcs.roi_tables import (
     load_paired_rois,
+    load_transforms,
     slices_um,
     spatial_geometry,
+    transform_table_name,
 )
 from fractal_tasks.hcs.swap import (
     reading,
@@ -116,9 +119,17 @@ class ApplyPlan:
 
 
 def _pairs(
-    source_rois: dict, target_rois: dict, geometry: ImageGeometry, what: str
+    source_rois: dict,
+    target_rois: dict,
+    geometry: ImageGeometry,
+    what: str,
+    motions: dict[str, RigidTransform] | None,
 ) -> list[WindowPair]:
-    """Window pairs (acquisition -> reference) of every ROI, in one array's pixels."""
+    """Window pairs (acquisition -> reference) of every ROI, in one array's pixels.
+
+    A ROI whose stored transform rotates is resampled through it (in this
+    array's pixels); every other ROI is copied, window to window.
+    """
     pairs = []
     for name, target_roi in target_rois.items():
         try:
@@ -133,7 +144,19 @@ def _pairs(
                 f"Registered ROI {name!r} does not fit {what}: {error}. Re-run "
                 "'Find Registration Consensus' on this well."
             ) from error
-        pairs.append(WindowPair(source, target))
+        motion = (motions or {}).get(name)
+        if motion is None or motion.is_translation:
+            pairs.append(WindowPair(source, target))
+            continue
+        try:
+            in_pixels = motion.in_pixels(geometry.pixel_um)
+        except ValueError as error:
+            raise RegistrationInputError(
+                f"ROI {name!r} of {what} is rotated, but {error}. Resample the "
+                "images to square pixels, or register with "
+                'transform="translation".'
+            ) from error
+        pairs.append(WindowPair(source, target, in_pixels))
     return pairs
 
 
@@ -145,7 +168,16 @@ def _read_tables(plan_acq, plan_ref, acq_url, ref_url) -> dict[str, str]:
     the acquisition's, carried over as it is.
     """
     tables: dict[str, str] = {}
-    sources = [(name, plan_ref, ref_url) for name in _roi_tables(plan_ref, ref_url)]
+    from_reference = _roi_tables(plan_ref, ref_url)
+    # the reference's transforms (identity) go with its ROI tables: the
+    # registered image is in the reference's frame
+    listed = plan_ref.list_tables()
+    from_reference += [
+        transform_table_name(n)
+        for n in from_reference
+        if transform_table_name(n) in listed
+    ]
+    sources = [(name, plan_ref, ref_url) for name in from_reference]
     skip = {name for name, _, _ in sources}
     sources += [
         (name, plan_acq, acq_url) for name in plan_acq.list_tables() if name not in skip
@@ -226,6 +258,7 @@ def plan_apply(
         )
         ref_geometry = spatial_geometry(reference.get_image())
         tables = _read_tables(acquisition, reference, zarr_url, reference_url)
+    motions = load_transforms(acquisition, registered_roi_table)
     image_levels = [acquisition.get_image(path=p) for p in acquisition.level_paths]
     geometry = spatial_geometry(image_levels[0])
     if not geometry.same_grid(ref_geometry):
@@ -239,7 +272,7 @@ def plan_apply(
         _multiscale(
             "",
             image_levels,
-            _pairs(acq_rois, ref_rois, geometry, f"image {zarr_url!r}"),
+            _pairs(acq_rois, ref_rois, geometry, f"image {zarr_url!r}", motions),
             "mean",
             f"image {zarr_url!r}",
         )
@@ -252,7 +285,7 @@ def plan_apply(
             levels = open_label_levels(zarr_url, name)
             label_geometry = spatial_geometry(levels[0])
             _require_same_extent(label_geometry, geometry, name, zarr_url)
-            pairs = _pairs(acq_rois, ref_rois, label_geometry, what)
+            pairs = _pairs(acq_rois, ref_rois, label_geometry, what, motions)
             multiscales.append(
                 _multiscale(f"labels/{name}", levels, pairs, "nearest", what)
             )

@@ -15,6 +15,10 @@ chunks per level are ever incomplete, whatever the size of the well. Levels
 whose chunks do not line up with the level above are computed afterwards from
 the level above, read back tile by tile.
 
+A rotated window is resampled rather than copied: each unit reads the source
+region that the inverse-mapped part of the window covers (a little wider than
+the part, whatever the size of the well) and interpolates it plane by plane.
+
 Chunks are read and written whole through ``chunk_io`` (the chunk files
 themselves where the layout allows), and chunk-sized buffers are passed from
 one use to the next through a small ``BufferPool`` rather than allocated anew.
@@ -35,8 +39,9 @@ from typing import Literal
 
 import numpy as np
 import zarr
+from scipy import ndimage
 
-from fractal_tasks.geometry import Box
+from fractal_tasks.geometry import Box, RigidTransform
 from fractal_tasks.writer.buffers import BufferPool
 from fractal_tasks.writer.chunk_io import (
     ChunkAccess,
@@ -52,6 +57,13 @@ TILE_BYTES = 32 * 2**20  # upper bound of one read-back tile in memory
 UNIT_BYTES = 4 * 2**20  # level-0 units grow (by whole chunks) up to this size
 CACHE_BYTES = 32 * 2**20  # decoded source chunks kept for later units
 POOL_BYTES = 8 * 2**20  # freed chunk buffers kept idle for reuse
+# Interpolation order per aggregation: linear for intensities, nearest
+# neighbour for labels (which keeps their values and invents none).
+ORDER = {"mean": 1, "nearest": 0}
+# Source pixels read beyond the inverse-mapped corners of a rotated part, on
+# each side: every sample then lies strictly inside the region read, so
+# cutting the region out of the array changes no sample.
+_MARGIN = 1
 
 Index = tuple[int, ...]
 Region = tuple[slice, ...]
@@ -59,10 +71,26 @@ Region = tuple[slice, ...]
 
 @dataclass(frozen=True)
 class WindowPair:
-    """Copy ``source`` (acquisition pixels) to ``target`` (reference pixels)."""
+    """Fill ``target`` (reference pixels) from ``source`` (acquisition pixels).
+
+    Without ``transform``, or with a pure translation, the target is a copy of
+    the source box, pixel for pixel (both have the same shape). With a
+    rotation, target pixel ``i`` (over the box's axes) takes the source at
+    the continuous (y, x) point ``transform.inverse_yx(i_yx + 0.5)``
+    (interpolated), and at ``i - shift`` along every other axis of the box,
+    ``shift`` being the transform's whole-pixel translation there; the
+    source box is then informative only. The transform is in this array's
+    pixels.
+    """
 
     source: Box
     target: Box
+    transform: RigidTransform | None = None
+
+    @property
+    def rotates(self) -> bool:
+        """True when the target is resampled rather than copied."""
+        return self.transform is not None and not self.transform.is_translation
 
 
 def downsample(
@@ -315,6 +343,30 @@ class _Piece:
     put: Region  # inside the unit's block
 
 
+@dataclass(frozen=True, eq=False)
+class _Resample:
+    """Part of one rotated window: a source region, resampled into ``put``.
+
+    Region index ``(y, x) = matrix @ (y, x) + offset`` of the block's pixel
+    ``put`` start + ``(y, x)``, in index coordinates (pixel ``j``'s centre is
+    ``j``); along every other axis, region index = put index + ``lead``.
+    """
+
+    parts: tuple[_Piece, ...]  # source chunks -> the region array they tile
+    shape: Index  # of the region array (may be empty: all outside the source)
+    put: Region  # inside the unit's block
+    lead: Index  # per axis but y and x, in array order
+    yx: tuple[int, int]  # where y and x are among the array's axes
+    matrix: np.ndarray  # 2 x 2
+    offset: np.ndarray  # 2
+
+
+def _reads(piece: _Piece | _Resample) -> Iterator[tuple[Index, int]]:
+    """The source chunks a piece reads, each with the pixels it takes there."""
+    for part in piece.parts if isinstance(piece, _Resample) else (piece,):
+        yield part.chunk, math.prod(s.stop - s.start for s in part.put)
+
+
 @dataclass
 class _OpenChunk:
     """A chunk of a lower level while its parts arrive."""
@@ -469,11 +521,17 @@ def write_windows(
         levels: The new image's arrays, level 0 first, all empty; level 0 has
             the source's shape.
         axes: Axis names of the arrays, e.g. ``("c", "z", "y", "x")``.
-        pairs: Windows to copy, in level-0 pixels over the spatial axes.
+        pairs: Windows to copy or resample (see ``WindowPair``), in level-0
+            pixels over the spatial axes; where windows overlap, the later
+            one wins.
         factors: Per level after the first, the integer factor per axis from
             the level above (e.g. ``(1, 1, 2, 2)``).
         kind: ``"mean"`` for intensities, ``"nearest"`` for labels.
         workers: Threads to use; each works on its own units.
+
+    Raises:
+        ValueError: If the source's shape is not level 0's, or a rotated
+            window lacks the y or x axis.
     """
     if source.shape != levels[0].shape:
         raise ValueError(f"Shapes differ: {source.shape} vs {levels[0].shape}.")
@@ -505,9 +563,10 @@ def write_windows(
     plan, full = _plan(reader.chunks, target.shape, axes, pairs, unit)
     uses: dict[Index, int] = {}
     for pieces in plan.values():
-        for chunk in {p.chunk for p in pieces}:
+        for chunk in {chunk for p in pieces for chunk, _ in _reads(p)}:
             uses[chunk] = uses.get(chunk, 0) + 1
     cache = _ChunkCache(reader, uses, CACHE_BYTES, pool)
+    interpolation = ORDER[kind]
     grid = [math.ceil(n / u) for n, u in zip(target.shape, unit)]
     scaled = [any(f[a] > 1 for f in factors) for a in range(len(target.shape))]
 
@@ -530,12 +589,15 @@ def write_windows(
             # decode their own main chunk rather than wait for the same one.
             volume: dict[Index, int] = {}
             for piece in pieces:
-                size = math.prod(s.stop - s.start for s in piece.put)
-                volume[piece.chunk] = volume.get(piece.chunk, 0) + size
+                for chunk, size in _reads(piece):
+                    volume[chunk] = volume.get(chunk, 0) + size
             largest_first = sorted(volume, key=volume.__getitem__, reverse=True)
             decoded = {chunk: cache.get(chunk) for chunk in largest_first}
             for piece in pieces:  # in window order: a later window wins
-                block[piece.put] = decoded[piece.chunk][piece.read]
+                if isinstance(piece, _Piece):
+                    block[piece.put] = decoded[piece.chunk][piece.read]
+                else:
+                    _resample_into(block[piece.put], piece, decoded, interpolation)
             for chunk in decoded:
                 cache.release(chunk)
             del decoded
@@ -585,51 +647,254 @@ def _plan(
     axes: Sequence[str],
     pairs: Sequence[WindowPair],
     unit: Sequence[int],
-) -> tuple[dict[Index, list[_Piece]], set[Index]]:
+) -> tuple[dict[Index, list[_Piece | _Resample]], set[Index]]:
     """Per level-0 unit, the pieces of source chunks that fill it.
 
-    Also returns the units that a single window covers entirely.
+    Also returns the units that a single window covers entirely. Each unit's
+    pieces are in window order, so that a later window wins.
+
+    Raises:
+        ValueError: If a rotated window lacks the y or x axis.
     """
-    plan: dict[Index, list[_Piece]] = {}
+    plan: dict[Index, list[_Piece | _Resample]] = {}
     full: set[Index] = set()
     for pair in pairs:
-        target = pair.target.slices()
-        offset = dict(zip(pair.target.axes, pair.source.start))
-        # Window extent per array axis, and source - target offset per axis.
-        extent, delta = [], []
-        for axis, n in zip(axes, shape):
-            if axis in target:
-                extent.append((target[axis].start, target[axis].stop))
-                delta.append(offset[axis] - target[axis].start)
-            else:
-                extent.append((0, n))
-                delta.append(0)
-        # Split the window at unit edges (in target) and chunk edges (in source).
-        cuts = []
-        for (a, b), d, u, c in zip(extent, delta, unit, chunks):
-            edges = {a, b}
-            edges.update(range((a // u + 1) * u, b, u))
-            edges.update(e - d for e in range(((a + d) // c + 1) * c, b + d, c))
-            ordered = sorted(edges)
-            cuts.append(list(zip(ordered, ordered[1:])))
+        split = _resampled if pair.rotates else _copied
         covered: dict[Index, int] = {}
-        for part in itertools.product(*cuts):
-            index = tuple(a // u for (a, _), u in zip(part, unit))
-            chunk = tuple((a + d) // c for (a, _), d, c in zip(part, delta, chunks))
-            put = tuple(
-                slice(a - i * u, b - i * u) for (a, b), i, u in zip(part, index, unit)
-            )
-            read = tuple(
-                slice(a + d - j * c, b + d - j * c)
-                for (a, b), d, j, c in zip(part, delta, chunk, chunks)
-            )
-            plan.setdefault(index, []).append(_Piece(chunk, read, put))
-            covered[index] = covered.get(index, 0) + math.prod(b - a for a, b in part)
+        for index, piece in split(pair, chunks, shape, axes, unit):
+            plan.setdefault(index, []).append(piece)
+            volume = math.prod(s.stop - s.start for s in piece.put)
+            covered[index] = covered.get(index, 0) + volume
         for index, volume in covered.items():
             region = grid_region(index, unit, shape)
             if volume == math.prod(r.stop - r.start for r in region):
                 full.add(index)
     return plan, full
+
+
+def _copied(
+    pair: WindowPair,
+    chunks: Sequence[int],
+    shape: Sequence[int],
+    axes: Sequence[str],
+    unit: Sequence[int],
+) -> Iterator[tuple[Index, _Piece]]:
+    """A copied window cut at unit and source chunk edges: ``(unit, piece)``."""
+    target = pair.target.slices()
+    offset = dict(zip(pair.target.axes, pair.source.start))
+    # Window extent per array axis, and source - target offset per axis.
+    extent, delta = [], []
+    for axis, n in zip(axes, shape):
+        if axis in target:
+            extent.append((target[axis].start, target[axis].stop))
+            delta.append(offset[axis] - target[axis].start)
+        else:
+            extent.append((0, n))
+            delta.append(0)
+    # Split the window at unit edges (in target) and chunk edges (in source).
+    cuts = []
+    for (a, b), d, u, c in zip(extent, delta, unit, chunks):
+        edges = {a, b}
+        edges.update(range((a // u + 1) * u, b, u))
+        edges.update(e - d for e in range(((a + d) // c + 1) * c, b + d, c))
+        ordered = sorted(edges)
+        cuts.append(list(zip(ordered, ordered[1:])))
+    for part in itertools.product(*cuts):
+        index = tuple(a // u for (a, _), u in zip(part, unit))
+        chunk = tuple((a + d) // c for (a, _), d, c in zip(part, delta, chunks))
+        put = tuple(
+            slice(a - i * u, b - i * u) for (a, b), i, u in zip(part, index, unit)
+        )
+        read = tuple(
+            slice(a + d - j * c, b + d - j * c)
+            for (a, b), d, j, c in zip(part, delta, chunk, chunks)
+        )
+        yield index, _Piece(chunk, read, put)
+
+
+def _resampled(
+    pair: WindowPair,
+    chunks: Sequence[int],
+    shape: Sequence[int],
+    axes: Sequence[str],
+    unit: Sequence[int],
+) -> Iterator[tuple[Index, _Resample]]:
+    """A rotated window cut at unit edges: ``(unit, piece)``, one per unit.
+
+    Raises:
+        ValueError: If the window lacks the y or x axis.
+    """
+    transform = pair.transform
+    assert transform is not None  # only rotated pairs come here
+    if not {"y", "x"} <= set(pair.target.axes):
+        raise ValueError(f"A rotation needs y and x axes, not {pair.target.axes}.")
+    target = pair.target.slices()
+    shift = transform.whole_pixel_shift([a for a in target if a not in ("y", "x")])
+    moves = [shift.get(axis, 0) for axis in axes]  # c, t and y, x: none
+    extent = [
+        (target[a].start, target[a].stop) if a in target else (0, n)
+        for a, n in zip(axes, shape)
+    ]
+    spans = [range(a // u, -(-b // u)) for (a, b), u in zip(extent, unit)]
+    for index in itertools.product(*spans):
+        cell = grid_region(index, unit, shape)
+        part = [(max(r.start, a), min(r.stop, b)) for r, (a, b) in zip(cell, extent)]
+        if all(a < b for a, b in part):
+            piece = _resample_piece(part, cell, moves, transform, axes, chunks, shape)
+            yield index, piece
+
+
+def _resample_piece(
+    part: Sequence[tuple[int, int]],
+    cell: Region,
+    moves: Sequence[int],
+    transform: RigidTransform,
+    axes: Sequence[str],
+    chunks: Sequence[int],
+    shape: Sequence[int],
+) -> _Resample:
+    """The piece filling ``part`` (level-0 ``[start, stop)`` per axis) of unit ``cell``.
+
+    It reads the bounding box of the inverse-mapped part in (y, x) (see
+    ``_sample_bounds``) and, along every other axis, the part moved back by
+    its whole-pixel shift ``moves``; clipped to the source array. That is a
+    few pixels more than the part, however large the window.
+    """
+    yx = (axes.index("y"), axes.index("x"))
+    origin = (part[yx[0]][0], part[yx[1]][0])
+    size = (part[yx[0]][1] - origin[0], part[yx[1]][1] - origin[1])
+    matrix, offset = _inverse_affine(transform, origin)
+    wanted = [(a - m, b - m) for (a, b), m in zip(part, moves)]
+    low, high = _sample_bounds(matrix, offset, size)
+    wanted[yx[0]], wanted[yx[1]] = (low[0], high[0]), (low[1], high[1])
+    region = tuple(_clip(a, b, n) for (a, b), n in zip(wanted, shape))
+    corner = np.array([region[yx[0]].start, region[yx[1]].start])
+    return _Resample(
+        parts=_tiling(region, chunks, shape),
+        shape=tuple(r.stop - r.start for r in region),
+        put=tuple(slice(a - r.start, b - r.start) for (a, b), r in zip(part, cell)),
+        lead=tuple(
+            w[0] - r.start
+            for k, (w, r) in enumerate(zip(wanted, region))
+            if k not in yx
+        ),
+        yx=yx,
+        matrix=matrix,
+        offset=offset - corner,
+    )
+
+
+def _inverse_affine(
+    transform: RigidTransform, origin: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Where target pixel ``origin + o`` (y, x) reads: ``matrix @ o + offset``.
+
+    Both in level-0 pixels; the result is a source index coordinate (pixel
+    ``j`` covers ``[j, j + 1)``, so its centre is index ``j``). The inverse
+    is affine: its linear part is the steps of one pixel along y and x.
+    """
+    centre = np.asarray(origin, dtype=float) + 0.5
+    steps = np.stack([centre, centre + (1.0, 0.0), centre + (0.0, 1.0)])
+    points = transform.inverse_yx(steps) - 0.5
+    return (points[1:] - points[0]).T, points[0]
+
+
+def _sample_bounds(
+    matrix: np.ndarray, offset: np.ndarray, size: tuple[int, int]
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The (y, x) source pixels ``[low, high)`` a ``size`` block of samples needs.
+
+    The samples' bounding box (that of the four corner samples), widened by
+    ``_MARGIN`` pixels and by the next pixel linear interpolation reads.
+    """
+    corners = np.array([(y, x) for y in (0, size[0] - 1) for x in (0, size[1] - 1)])
+    points = corners @ matrix.T + offset
+    low = np.floor(points.min(axis=0)).astype(int) - _MARGIN
+    high = np.ceil(points.max(axis=0)).astype(int) + 1 + _MARGIN
+    return (int(low[0]), int(low[1])), (int(high[0]), int(high[1]))
+
+
+def _clip(start: int, stop: int, n: int) -> slice:
+    """``[start, stop)`` cut to ``[0, n)``; empty (at an end) when outside."""
+    start = min(max(start, 0), n)
+    return slice(start, max(min(stop, n), start))
+
+
+def _tiling(
+    region: Region, chunks: Sequence[int], shape: Sequence[int]
+) -> tuple[_Piece, ...]:
+    """The chunks that tile ``region``: read in each -> put in the region array.
+
+    None at all for an empty region.
+    """
+    if any(r.start >= r.stop for r in region):
+        return ()
+    spans = [range(r.start // c, -(-r.stop // c)) for r, c in zip(region, chunks)]
+    parts = []
+    for chunk in itertools.product(*spans):
+        cell = grid_region(chunk, chunks, shape)
+        both = [
+            (max(r.start, g.start), min(r.stop, g.stop)) for r, g in zip(region, cell)
+        ]
+        read = tuple(slice(a - g.start, b - g.start) for (a, b), g in zip(both, cell))
+        put = tuple(slice(a - r.start, b - r.start) for (a, b), r in zip(both, region))
+        parts.append(_Piece(chunk, read, put))
+    return tuple(parts)
+
+
+def _resample_into(
+    out: np.ndarray,
+    piece: _Resample,
+    decoded: dict[Index, np.ndarray],
+    order: int,
+) -> None:
+    """Fill ``out`` (the piece's part of a unit block) from the decoded chunks.
+
+    Every pixel of ``out`` is written: 0 where the sample lies outside the
+    source array.
+    """
+    if not piece.parts:
+        out[...] = 0  # the whole part reads outside the source
+        return
+    region = np.empty(piece.shape, decoded[piece.parts[0].chunk].dtype)
+    for part in piece.parts:
+        region[part.put] = decoded[part.chunk][part.read]
+    planes = np.moveaxis(out, piece.yx, (-2, -1))
+    source = np.moveaxis(region, piece.yx, (-2, -1))
+    for at in np.ndindex(planes.shape[:-2]):
+        read = tuple(i + d for i, d in zip(at, piece.lead))
+        if all(0 <= j < n for j, n in zip(read, source.shape[:-2])):
+            _resample_plane(source[read], planes[at], piece.matrix, piece.offset, order)
+        else:
+            planes[at] = 0  # the whole-pixel shift reads beyond the source
+
+
+def _resample_plane(
+    plane: np.ndarray,
+    out: np.ndarray,
+    matrix: np.ndarray,
+    offset: np.ndarray,
+    order: int,
+) -> None:
+    """``out[o] = plane`` interpolated at index ``matrix @ o + offset``.
+
+    Order 0 (nearest) copies source values exactly (for integers up to 2**53,
+    which scipy passes through float64). Order 1 (linear) rounds to the
+    nearest integer and clips to the range of an integer ``out``; a float
+    ``out`` gets the values as they are. Samples beyond the plane's first or
+    last pixel centre read 0 (scipy's ``mode="constant"``).
+    """
+    options = dict(order=order, mode="constant", cval=0.0, prefilter=False)
+    if order == 0:
+        ndimage.affine_transform(plane, matrix, offset, output=out, **options)
+        return
+    values = ndimage.affine_transform(
+        plane, matrix, offset, output_shape=out.shape, output=np.float64, **options
+    )
+    if out.dtype.kind in "iu":
+        info = np.iinfo(out.dtype)
+        np.clip(np.rint(values, out=values), info.min, info.max, out=values)
+    np.copyto(out, values, casting="unsafe")
 
 
 def downsample_level(
