@@ -11,6 +11,8 @@ from fractal_tasks.hcs.images import open_image
 from fractal_tasks.hcs.models import InitArgsRegistration
 from fractal_tasks.hcs.roi_tables import (
     load_paired_rois,
+    quality_table_name,
+    roi_centre_um,
     save_rois,
     save_table,
     spatial_geometry,
@@ -19,10 +21,10 @@ from fractal_tasks.hcs.roi_tables import (
     without_columns,
 )
 from fractal_tasks.registration.calculate import (
+    TransformModel,
     estimate_rois,
     judge,
     quality_table,
-    quality_table_name,
     roi_sizes,
 )
 from fractal_tasks.registration.shift import RegistrationMethod
@@ -46,6 +48,7 @@ def calculate_registration(
     level_path: str = "2",
     max_shift: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None,
     keep_zero_if_all_failed: bool = False,
+    transform: TransformModel = "translation",
 ) -> None:
     """Calculate, per ROI, the translation that moves an acquisition onto the reference.
 
@@ -83,14 +86,17 @@ def calculate_registration(
     what reference pixel `p + translation` shows; the columns of
     fractal-tasks-core). The verdicts go to the condition table
     `<input_roi_table>_registration_quality`, one row per ROI name:
-    `registration_status` (`ok`, `fallback` or `failed`),
+    `registration_status` (`ok`, `rotated`, `fallback` or `failed`),
     `registration_note` (why a ROI is not `ok`), `ncc_before` and
     `ncc_after` (normalized cross-correlation, -1 to 1, of the prepared
     registration channel without and with the shift), `peak_significance`
     (the correlation peak in robust standard deviations of the surface's
     fine band; at least 10), `peak_elongation` (at most 2.5), `offset_check`
     (at most 0.5), `saturated` (share of the overlap at the image's maximum
-    value, 0 to 1; at most 0.5) and the `level_path` the ROI was estimated at.
+    value, 0 to 1; at most 0.5), the `level_path` the ROI was estimated at,
+    and the rotation: `rotation_deg` (what the stored transform applies),
+    `measured_rotation_deg`, `rotation_uncertainty_deg` and `residual_px`
+    (what the stored transform leaves at the ROI's corners, level-0 px).
 
     Args:
         zarr_url: Path or url to the individual OME-Zarr image to be processed.
@@ -127,6 +133,15 @@ def calculate_registration(
             size in y and x, and half of it in z.
         keep_zero_if_all_failed: If every ROI of the acquisition fails, store
             zero translations (status `failed`) instead of raising an error.
+        transform: `translation` (fractal-tasks-core's model) or `rigid`: a
+            rotation about each ROI's centre (about z in 3D) plus a
+            translation. The rotation is measured under both and reported in
+            the quality table; under `translation` a ROI whose rotation
+            leaves its corners more than 1 px away is `rotated` (its
+            translation kept, one warning for the image). Under `rigid` the
+            rotation is stored (`rotation_deg`) and applied by Consensus and
+            Apply; when the ROIs' angles agree, one angle for the well is
+            used, measured on all of them; rotations beyond ±5° fail.
     """
     if lower_rescale_quantile >= upper_rescale_quantile:
         raise RegistrationInputError(
@@ -149,6 +164,7 @@ def calculate_registration(
         reference, acquisition, input_roi_table, reference_url, zarr_url
     )
     backend = table_backend(acquisition, input_roi_table)
+    level0_pixel_um, _ = spatial_geometry(acquisition.get_image())
     estimates = estimate_rois(
         reference,
         acquisition,
@@ -160,9 +176,10 @@ def calculate_registration(
         method=method,
         quantiles=(lower_rescale_quantile, upper_rescale_quantile),
         workers=available_cpus(),
+        transform=transform,
+        level0_pixel_um=level0_pixel_um,
     )
     pixel_um, _ = spatial_geometry(acquisition.get_image(path=level_path))
-    level0_pixel_um, _ = spatial_geometry(acquisition.get_image())
     results = judge(
         estimates,
         pixel_um,
@@ -171,16 +188,21 @@ def calculate_registration(
         max_shift=max_shift,
         keep_zero_if_all_failed=keep_zero_if_all_failed,
         zarr_url=zarr_url,
+        transform=transform,
+        roi_centre_um={n: roi_centre_um(r) for n, r in acquisition_rois.items()},
     )
     for result in results:
         t = result.translation_um
         logger.info(
-            "ROI %s: translation (z, y, x) = (%.3f, %.3f, %.3f) µm, NCC %.3f -> "
-            "%.3f, peak %.1f, elongation %.1f, offset check %.2f, %s.",
+            "ROI %s: translation (z, y, x) = (%.3f, %.3f, %.3f) µm, rotation "
+            "%.3f° (measured %.3f°), NCC %.3f -> %.3f, peak %.1f, elongation "
+            "%.1f, offset check %.2f, %s.",
             result.name,
             t.get("z", 0.0),
             t["y"],
             t["x"],
+            result.transform.rotation_deg,
+            result.roi_estimate.rotation.angle_deg,
             result.roi_estimate.estimate.ncc_before,
             result.roi_estimate.estimate.ncc_after,
             result.roi_estimate.estimate.peak_significance,
@@ -207,7 +229,7 @@ def calculate_registration(
     )
     counts = {
         s: sum(r.status.value == s for r in results)
-        for s in ("ok", "fallback", "failed")
+        for s in ("ok", "rotated", "fallback", "failed")
     }
     logger.info(
         "Stored translations in %s of %s: %s.", input_roi_table, zarr_url, counts

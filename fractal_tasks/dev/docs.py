@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fractal_tasks.registration.calculate import QUALITY_COLUMNS
+from fractal_tasks.registration.rotation import MAX_ROTATION_DEG, ROTATION_RESIDUAL
 from fractal_tasks.registration.shift import CONFIRM_FINER, RULES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,17 +35,24 @@ DOCUMENTS = (
 
 
 def verdict_rules() -> str:
-    """The rules of ``judge_estimate`` as a markdown table, then CONFIRM_FINER."""
+    """The rules of ``judge_estimate`` as a markdown table, then the others."""
     rows = [
         "| value | needed | failing it means | how the limit was chosen |",
         "| --- | --- | --- | --- |",
     ]
     rows += [f"| `{r.column}` | {r.needed} | {r.means} | {r.chosen} |" for r in RULES]
     confirm = CONFIRM_FINER
+    rotated = ROTATION_RESIDUAL
     rows += [
         "",
         f"An estimate that passes with `{confirm.column}` above {confirm.limit:g}: "
         f"{confirm.means}. Limit chosen {confirm.chosen}.",
+        "",
+        f'Under `transform="translation"`, a ROI that passes with `{rotated.column}` '
+        f"above {rotated.limit:g} is `rotated`: {rotated.means}. Limit: "
+        f'{rotated.chosen}. Under `transform="rigid"`, a ROI rotated beyond '
+        f"±{MAX_ROTATION_DEG:g}° fails (blocks turned further are distorted "
+        "across their own width).",
     ]
     return "\n".join(rows)
 

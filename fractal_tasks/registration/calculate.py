@@ -15,8 +15,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -25,14 +25,29 @@ from ngio.tables import ConditionTable
 from ngio.utils import NgioValueError
 
 from fractal_tasks.geometry import (
+    MOVES_NO_PIXEL,
     Box,
     ImageGeometry,
+    RigidTransform,
+    corner_displacement,
     crop_to_common,
     roi_box,
     same_pixel_size,
 )
 from fractal_tasks.hcs.errors import RegistrationInputError
-from fractal_tasks.hcs.roi_tables import by_name, slices_um, spatial_geometry
+from fractal_tasks.hcs.roi_tables import (
+    by_name,
+    quality_table_name,
+    slices_um,
+    spatial_geometry,
+)
+from fractal_tasks.registration.rotation import (
+    MAX_ROTATION_DEG,
+    ROTATION_RESIDUAL,
+    RotationEstimate,
+    derotate,
+    estimate_rotation,
+)
 from fractal_tasks.registration.shift import (
     CONFIRM_FINER,
     NCC_AFTER,
@@ -44,6 +59,7 @@ from fractal_tasks.registration.shift import (
     RegistrationMethod,
     RegistrationStatus,
     ShiftEstimate,
+    Verdict,
     estimate_shift,
     judge_estimate,
     judge_estimates,
@@ -51,6 +67,13 @@ from fractal_tasks.registration.shift import (
 )
 
 logger = logging.getLogger(__name__)
+
+TransformModel = Literal["translation", "rigid"]
+
+WELL_ANGLE_AGREEMENT_DEG = 0.02
+"""ROIs whose angles all lie this close to their weighted mean (or within 3
+of their own standard deviations) moved as one piece: under the rigid model
+they all get that one angle, measured on all of them."""
 
 MIN_ROI_PX = 32
 """Smallest ROI size in y and x, in pixels of the level read, for a reliable
@@ -70,8 +93,10 @@ be retried down to full resolution; a whole-well ROI (10^8 px at level 0) or a
 3D stack at full resolution stops at the finest level where it fits."""
 
 QUALITY_COLUMNS = {
-    "registration_status": "`ok`, `fallback` (replaced by the median of the good "
-    "ROIs) or `failed` (no good ROI and `keep_zero_if_all_failed=True`)",
+    "registration_status": "`ok`, `rotated` (translation kept, but the ROI is "
+    "rotated beyond what the translation model can leave: see `residual_px`), "
+    "`fallback` (replaced by the median of the good ROIs) or `failed` (no good "
+    "ROI and `keep_zero_if_all_failed=True`)",
     "registration_note": "why a ROI is not `ok`",
     "ncc_before": "normalized cross-correlation (-1..1) of the prepared "
     "registration channel (rescaled, smooth background removed) without the shift",
@@ -91,23 +116,33 @@ QUALITY_COLUMNS = {
     "saturated": "share (0..1) of the overlap where either image is at its "
     f"maximum value (clipped); {SATURATED.needed} is needed",
     "level_path": "the level the ROI was read at",
+    "rotation_deg": "the rotation about the ROI's centre that the stored "
+    'transform applies (0 under `transform="translation"`, and where it '
+    f"would move no point by {MOVES_NO_PIXEL:g} px); positive turns x towards "
+    "y, clockwise on screen",
+    "measured_rotation_deg": "the rotation measured on this ROI, whatever the "
+    "model (under `rigid`: the rotation undone plus what is measured left "
+    "after it; NaN: too small or too little structure to measure)",
+    "rotation_uncertainty_deg": "one standard deviation of the measured rotation",
+    "residual_px": "the largest displacement (level-0 px, at the ROI's "
+    "corners) that the measured rotation leaves after the stored transform; "
+    f"{ROTATION_RESIDUAL.needed} under the translation model, else `rotated`",
 }
 """The quality table's columns and what each holds; the docs are generated
 from it (``fractal_tasks.dev.docs``)."""
-
-
-def quality_table_name(input_roi_table: str) -> str:
-    """Name of the table holding the per-ROI verdicts of ``input_roi_table``."""
-    return f"{input_roi_table}_registration_quality"
 
 
 @dataclass(frozen=True)
 class RoiEstimate:
     """One ROI's estimate, and the level it was made at."""
 
-    estimate: ShiftEstimate
+    estimate: ShiftEstimate  # with the rotation undone first, for a rigid ROI
     level_path: str
     pixel_um: dict[str, float]  # pixel size of that level, per spatial axis
+    rotation: RotationEstimate
+    centre_um: dict[str, float]  # y, x: centre of the pixels read, in µm
+    turn_deg: float = 0.0  # the rotation the rigid model gives it (0: none)
+    turn_how: str = ""  # how that angle was chosen, for the note
 
     def translation_um(self) -> dict[str, float]:
         """The estimated shift in µm per spatial axis."""
@@ -120,10 +155,16 @@ class RoiRegistration:
     """Outcome for one ROI: translation in µm per spatial axis, and its quality."""
 
     name: str
-    translation_um: dict[str, float]
+    transform: RigidTransform  # in µm, about the ROI's centre
     roi_estimate: RoiEstimate
     status: RegistrationStatus
     note: str
+    residual_px: float
+
+    @property
+    def translation_um(self) -> dict[str, float]:
+        """The displacement of the ROI's centre, in µm per spatial axis."""
+        return dict(self.transform.translation)
 
     def translation_columns(self) -> dict[str, float]:
         """The ROI-table columns of fractal-tasks-core: ``translation_z/y/x``."""
@@ -143,6 +184,10 @@ class RoiRegistration:
             "offset_check": e.offset_check,
             "saturated": e.saturated,
             "level_path": self.roi_estimate.level_path,
+            "rotation_deg": self.transform.rotation_deg,
+            "measured_rotation_deg": self.roi_estimate.rotation.angle_deg,
+            "rotation_uncertainty_deg": self.roi_estimate.rotation.uncertainty_deg,
+            "residual_px": self.residual_px,
         }
 
 
@@ -283,6 +328,7 @@ def estimate_with_retry(
     *,
     pixels: Callable[[str], int],
     max_pixels: int = RETRY_MAX_PX,
+    first: ShiftEstimate | None = None,
     **options: Any,
 ) -> tuple[ShiftEstimate, str]:
     """The estimate at ``paths[0]``, or at the first finer level where it passes.
@@ -307,12 +353,14 @@ def estimate_with_retry(
             without reading them.
         max_pixels: Largest ROI read at a finer level (see ``RETRY_MAX_PX``);
             the ROI's own level ``paths[0]`` is always read.
+        first: The estimate at ``paths[0]`` when already made.
         **options: Passed to :func:`estimate_shift`.
 
     Returns:
         The estimate kept and the path of its level.
     """
-    first = estimate_shift(*read_pair(paths[0]), **options)
+    if first is None:
+        first = estimate_shift(*read_pair(paths[0]), **options)
     kept = (first, paths[0])
     if judge_estimate(first).good and CONFIRM_FINER.holds(first.peak_elongation):
         return kept
@@ -339,8 +387,10 @@ def estimate_rois(
     method: RegistrationMethod,
     quantiles: tuple[float, float],
     workers: int,
+    transform: TransformModel = "translation",
+    level0_pixel_um: dict[str, float] | None = None,
 ) -> dict[str, RoiEstimate]:
-    """Estimate the shift of every ROI, at ``level_path`` or a finer level.
+    """Estimate the shift and rotation of every ROI, at ``level_path`` or finer.
 
     Args:
         reference: The reference acquisition's image.
@@ -359,6 +409,14 @@ def estimate_rois(
         method: See :class:`RegistrationMethod`.
         quantiles: Lower and upper rescale quantiles.
         workers: Threads estimating ROIs at once.
+        transform: The model. The rotation is measured under both: at the
+            level the shift was kept at under ``"translation"``; under
+            ``"rigid"`` first, at the ROI's level, and when it moves the ROI's
+            corners by ``MOVES_NO_PIXEL`` level-0 px or more, the shift and
+            its evidence are estimated with the rotation undone, at every
+            level read.
+        level0_pixel_um: Pixel size of level 0 (default: that of
+            ``level_path``), the unit of ``MOVES_NO_PIXEL``.
 
     Raises:
         RegistrationInputError: For a missing level or channel, pixel sizes
@@ -415,16 +473,94 @@ def estimate_rois(
             sorted({chosen[n] for n in moved}),
         )
 
+    options: dict[str, Any] = {
+        "lower_rescale_quantile": quantiles[0],
+        "upper_rescale_quantile": quantiles[1],
+    }
+    unit_um = level0_pixel_um or geometry.pixel_um
+
+    def size_um(rois: tuple[Roi, Roi], path: str) -> dict[str, float]:
+        pair = level(path)
+        box = crop_to_common(*pair.boxes(rois))[0]
+        pixel_um = pair.geometries[0].pixel_um
+        return {a: n * pixel_um[a] for a, n in zip(box.axes, box.shape)}
+
+    def reader(name: str) -> Callable[[str], tuple[np.ndarray, np.ndarray]]:
+        """The ROI's pixels at a level; only the latest level read is kept."""
+        last: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+        def raw(path: str) -> tuple[np.ndarray, np.ndarray]:
+            if path not in last:
+                last.clear()
+                last[path] = level(path).read(pairs[name])
+            return last[path]
+
+        return raw
+
+    def measure(name: str) -> tuple[ShiftEstimate, RotationEstimate]:
+        """The shift and rotation at the ROI's own level, as read."""
+        pixels = reader(name)(chosen[name])
+        first = estimate_shift(*pixels, method=method, **options)
+        return first, estimate_rotation(*pixels, first.shift, **options)
+
+    measured: dict[str, tuple[ShiftEstimate, RotationEstimate]] = {}
+    turns: dict[str, tuple[float, str]] = {n: (0.0, "") for n in names}
+    if transform == "rigid":  # the rotation first, then the shift without it
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            measured = dict(zip(names, pool.map(measure, names)))
+        reliable = {
+            n
+            for n, (_, r) in measured.items()
+            if r.measured
+            and corner_displacement(
+                r.uncertainty_deg, size_um(pairs[n], chosen[n]), unit_um
+            )
+            <= MOVES_NO_PIXEL
+        }
+        angles, how = rigid_angles({n: r for n, (_, r) in measured.items()}, reliable)
+        turns = {n: (angles[n], how[n]) for n in names}
+
     def one(name: str) -> RoiEstimate:
+        raw = reader(name)
+        paths = finer[finer.index(chosen[name]) :]
+        turn, how = turns[name]
+        first, rotation = measured.get(name, (None, None))
+        moves = corner_displacement(turn, size_um(pairs[name], paths[0]), unit_um)
+        far = rotation is not None and beyond_reach(turn, rotation)
+        if far or moves < MOVES_NO_PIXEL:
+            turn = 0.0  # left out: a copy, or a failure judge() reports
+        elif first is not None:
+            first = None  # estimated again, without the rotation
+
+        def read(path: str) -> tuple[np.ndarray, np.ndarray]:
+            reference_pixels, moving = raw(path)
+            return (reference_pixels, derotate(moving, turn) if turn else moving)
+
         estimate, path = estimate_with_retry(
-            lambda path: level(path).read(pairs[name]),
-            finer[finer.index(chosen[name]) :],
+            read,
+            paths,
             pixels=lambda path: level(path).pixels(pairs[name]),
+            first=first,
             method=method,
-            lower_rescale_quantile=quantiles[0],
-            upper_rescale_quantile=quantiles[1],
+            **options,
         )
-        return RoiEstimate(estimate, path, level(path).geometries[0].pixel_um)
+        if rotation is None:
+            rotation = estimate_rotation(*raw(path), estimate.shift, **options)
+        elif turn:  # what is left once the rotation is undone, measured
+            left = estimate_rotation(*read(path), estimate.shift, **options)
+            if left.measured:
+                rotation = replace(left, angle_deg=turn + left.angle_deg)
+        pair = level(path)
+        box = crop_to_common(*pair.boxes(pairs[name]))[0]
+        pixel_um = pair.geometries[0].pixel_um
+        centre_um = {
+            a: (b + n / 2) * pixel_um[a]
+            for a, b, n in zip(box.axes, box.start, box.shape)
+            if a in ("y", "x")
+        }
+        return RoiEstimate(
+            estimate, path, pixel_um, rotation, centre_um, turns[name][0], how
+        )
 
     started = time.perf_counter()
     estimates = {}
@@ -461,6 +597,8 @@ def judge(
     max_shift: float | None,
     keep_zero_if_all_failed: bool,
     zarr_url: str,
+    transform: TransformModel = "translation",
+    roi_centre_um: dict[str, dict[str, float]] | None = None,
 ) -> list[RoiRegistration]:
     """Judge every ROI's estimate; failed ROIs fall back to the median of the good.
 
@@ -469,13 +607,22 @@ def judge(
         pixel_um: Pixel size of ``level_path`` per spatial axis: the unit of
             the outlier floor.
         level0_pixel_um: Pixel size of level 0, to say how far apart the good
-            ROIs are.
-        roi_size_um: Extent of each ROI per axis, for the default max_shift.
+            ROIs are, and the unit of the rotation's residual.
+        roi_size_um: Extent of each ROI per axis, for the default max_shift
+            and the rotation's reach.
         max_shift: Largest plausible shift in µm (None: a quarter of the ROI
             in y/x, half in z).
         keep_zero_if_all_failed: Store zeros instead of raising when no ROI is
             good.
         zarr_url: The acquisition, for messages.
+        transform: The model. Under ``"translation"``, a ROI that passes but
+            whose measured rotation leaves its corners beyond
+            ``ROTATION_RESIDUAL`` is ``rotated`` (one warning for the image).
+            Under ``"rigid"``, each ROI has the angle :func:`estimate_rois`
+            chose (see :func:`rigid_angles`), and a ROI rotated beyond
+            ``MAX_ROTATION_DEG`` fails.
+        roi_centre_um: Centre (y, x) of each ROI in µm, the rotation's centre
+            in the stored transform (default: the centre of the pixels read).
 
     Raises:
         RegistrationInputError: If no ROI is good and ``keep_zero_if_all_failed``
@@ -500,6 +647,14 @@ def judge(
         max_shift=limit_um / pixel,
         outlier_floor=OUTLIER_FLOOR_PX,
     )
+    for i, name in enumerate(names):
+        turn = estimates[name].turn_deg
+        if verdicts[i].good and beyond_reach(turn, estimates[name].rotation):
+            verdicts[i] = Verdict(
+                False,
+                f"rotated by {turn:.2f}°, beyond the ±{MAX_ROTATION_DEG:g}° "
+                "measured reliably",
+            )
     good = [i for i, v in enumerate(verdicts) if v.good]
     if not good and not keep_zero_if_all_failed:
         reasons = "; ".join(f"{n}: {v.reason}" for n, v in zip(names, verdicts))
@@ -515,20 +670,114 @@ def judge(
         shift = shifts_um[i] if verdict.good else fallback
         status = RegistrationStatus.OK
         note = ""
+        size = roi_size_um[name]
+        applied = estimates[name].turn_deg
+        if corner_displacement(applied, size, level0_pixel_um) < MOVES_NO_PIXEL:
+            applied = 0.0
+        rotation = estimates[name].rotation
+        residual = corner_displacement(
+            rotation.angle_deg - applied, size, level0_pixel_um
+        )
         if not verdict.good:
             status = RegistrationStatus.FALLBACK if good else RegistrationStatus.FAILED
             note = f"{verdict.reason}; shift replaced by {replacement}"
             logger.warning("ROI %s of %s: %s.", name, zarr_url, note)
+        elif (
+            transform == "translation"
+            and rotation.significant
+            and not ROTATION_RESIDUAL.holds(residual)
+        ):
+            status = RegistrationStatus.ROTATED
+            note = (
+                f"rotated by {rotation.angle_deg:.2f}° (± "
+                f"{rotation.uncertainty_deg:.2f}°): the translation leaves its "
+                f"corners up to {residual:.1f} px away; register it with "
+                'transform="rigid"'
+            )
+        elif applied:
+            note = f"rotation {applied:.3f}° ({estimates[name].turn_how})"
+        elif transform == "rigid" and estimates[name].turn_how == NONE_MEASURED:
+            note = "no rotation measured reliably in this image: none applied"
+        centre = estimates[name].centre_um
+        motion = RigidTransform(
+            applied, centre, {a: float(v) for a, v in zip(axes, shift)}
+        )
+        if roi_centre_um is not None:
+            motion = motion.about(roi_centre_um[name])
         results.append(
             RoiRegistration(
                 name=name,
-                translation_um={a: float(s) for a, s in zip(axes, shift)},
+                transform=motion,
                 roi_estimate=estimates[name],
                 status=status,
                 note=note,
+                residual_px=residual,
             )
         )
+    _warn_rotated(results, zarr_url)
     return results
+
+
+def beyond_reach(angle_deg: float, rotation: RotationEstimate) -> bool:
+    """True for a rotation beyond ``MAX_ROTATION_DEG`` by more than 3 SD."""
+    sigma = rotation.uncertainty_deg if rotation.measured else 0.0
+    return abs(angle_deg) - 3 * sigma > MAX_ROTATION_DEG
+
+
+NONE_MEASURED = "none measured"
+
+
+def rigid_angles(
+    rotations: dict[str, RotationEstimate], good: set[str]
+) -> tuple[dict[str, float], dict[str, str]]:
+    """The angle each ROI's rigid transform gets, and how it was chosen.
+
+    ``good`` are the ROIs whose angle was measured reliably. When their
+    angles agree (every one within ``WELL_ANGLE_AGREEMENT_DEG``, or 3
+    standard deviations, of their weighted mean), the ROIs moved as one
+    piece: every ROI gets that mean, which rests on all of them. Otherwise
+    each good ROI keeps its own angle, and every other ROI gets the median
+    of the good ones (their angle when only one); 0 when there is none.
+    """
+    measured = {n: r for n, r in rotations.items() if n in good and r.measured}
+    if not measured:
+        return {n: 0.0 for n in rotations}, {n: NONE_MEASURED for n in rotations}
+    angle = np.array([r.angle_deg for r in measured.values()])
+    sigma = np.array([max(r.uncertainty_deg, 1e-6) for r in measured.values()])
+    weight = sigma**-2
+    mean = float(np.sum(weight * angle) / np.sum(weight))
+    agree = np.abs(angle - mean) <= np.maximum(WELL_ANGLE_AGREEMENT_DEG, 3 * sigma)
+    if len(measured) > 1 and bool(np.all(agree)):
+        label = f"one angle for the well, from {len(measured)} ROIs"
+        return {n: mean for n in rotations}, {n: label for n in rotations}
+    median = float(np.median(angle))
+    angles, how = {}, {}
+    for name in rotations:
+        if name in measured:
+            angles[name], how[name] = measured[name].angle_deg, "this ROI's own"
+        else:
+            angles[name] = mean if len(measured) == 1 else median
+            how[name] = "the median of the good ROIs"
+    return angles, how
+
+
+def _warn_rotated(results: Sequence[RoiRegistration], zarr_url: str) -> None:
+    """One warning for all the ROIs of an image left ``rotated``."""
+    rotated = [r for r in results if r.status is RegistrationStatus.ROTATED]
+    if not rotated:
+        return
+    angles = [r.roi_estimate.rotation.angle_deg for r in rotated]
+    logger.warning(
+        "%d ROI(s) of %s are rotated (%.2f° to %.2f°): the translation model "
+        "leaves their corners up to %.1f px away (%s). Their translations are "
+        'kept; register them with transform="rigid".',
+        len(rotated),
+        zarr_url,
+        min(angles),
+        max(angles),
+        max(r.residual_px for r in rotated),
+        ", ".join(r.name for r in rotated),
+    )
 
 
 def _fallback(

@@ -109,11 +109,15 @@ class RegistrationStatus(StrEnum):
             replaced by the median shift of the good ROIs of the same
             acquisition.
         FAILED: The estimate was rejected and no fallback was available.
+        ROTATED: The translation is kept, but the ROI is rotated and the
+            translation model leaves its corners more than
+            ``ROTATION_RESIDUAL`` away (register with ``transform="rigid"``).
     """
 
     OK = "ok"
     FALLBACK = "fallback"
     FAILED = "failed"
+    ROTATED = "rotated"
 
 
 @dataclass(frozen=True)
@@ -370,16 +374,17 @@ def _check_pair(reference: np.ndarray, moving: np.ndarray) -> None:
 # --------------------------------------------------------------------------
 # phase correlation
 # --------------------------------------------------------------------------
-def _tukey(n: int, ramp: int, offset: float = 0.0) -> np.ndarray:
+def _tukey(n: int, ramp: int, offset: float | np.ndarray = 0.0) -> np.ndarray:
     """Tukey window: flat, with the halves of a Hann window as its two ramps.
 
     Sampled at ``arange(n) + offset`` and zero outside ``[0, n - 1]``. With
     ``offset == 0`` these are the values of ``scipy.signal.windows.tukey``
     (importing ``scipy.signal`` costs the task process about a second); a
-    fractional ``offset`` gives the same window moved by ``-offset`` px.
+    fractional ``offset`` gives the same window moved by ``-offset`` px; a
+    column of offsets, one such window per row.
     """
     t = np.arange(n, dtype=np.float64) + offset
-    w = np.ones(n)
+    w = np.ones(t.shape)
     if ramp > 0:
         edge = np.minimum(t, n - 1 - t)  # distance from the nearer end
         on_ramp = edge < ramp
