@@ -1,4 +1,3 @@
-import shutil
 from pathlib import Path
 
 import pytest
@@ -24,22 +23,7 @@ def plate_copy(tmp_path: Path, **options):
         _TEMPLATES[key] = build_synthetic_plate(
             root / "plate.zarr", **{**defaults, **options}
         )
-    template = _TEMPLATES[key]
-    target = tmp_path / "plate.zarr"
-    shutil.copytree(template.plate_url, target)
-    plate = template.__class__(**{**template.__dict__})
-    old = template.plate_url
-    plate.plate_url = str(target)
-    plate.images = [
-        type(i)(
-            i.zarr_url.replace(old, str(target)), i.row, i.column, i.path, i.acquisition
-        )
-        for i in template.images
-    ]
-    plate.translations_px = {
-        k.replace(old, str(target)): v for k, v in template.translations_px.items()
-    }
-    return plate
+    return _TEMPLATES[key].copied_to(tmp_path / "plate.zarr")
 
 
 @pytest.fixture(scope="session", autouse=True)

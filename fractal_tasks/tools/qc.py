@@ -39,7 +39,7 @@ from ngio import OmeZarrContainer, open_ome_zarr_container
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from fractal_tasks.geometry import SPATIAL_AXES, roi_box
+from fractal_tasks.geometry import SPATIAL_AXES, RigidTransform, roi_box
 from fractal_tasks.hcs.errors import RegistrationInputError
 from fractal_tasks.hcs.roi_tables import (
     by_name,
@@ -51,6 +51,7 @@ from fractal_tasks.hcs.roi_tables import (
 )
 from fractal_tasks.hcs.wells import acquisition_of, open_well, reference_path
 from fractal_tasks.registration.calculate import load_quality, open_level_pair
+from fractal_tasks.registration.rotation import warp
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +64,11 @@ STATUS_COLOURS: dict[str, Colour] = {
     "ok": (40, 200, 60),
     "fallback": (255, 150, 0),
     "failed": (230, 30, 30),
+    "rotated": (200, 90, 255),
 }
 UNKNOWN_COLOUR = (140, 140, 140)
 ARROW_COLOUR = (255, 235, 0)
+CORNER_COLOUR = (0, 220, 255)
 TEXT_COLOUR = (235, 235, 235)
 DIM_TEXT_COLOUR = (160, 160, 160)
 BACKGROUND = (24, 24, 28)
@@ -221,9 +224,13 @@ class QcPanel:
         covered: Where ``after`` holds acquisition pixels.
         translation_um: Stored translation per spatial axis, in µm.
         translation_px: The same in pixels of the shown level.
-        status: ``ok``, ``fallback``, ``failed`` or ``unknown``.
+        status: ``ok``, ``rotated``, ``fallback``, ``failed`` or ``unknown``.
         ncc_before: Stored correlation before the shift (NaN when absent).
         ncc_after: Stored correlation after the shift (NaN when absent).
+        rotation_deg: The stored transform's rotation (0 when absent).
+        measured_rotation_deg: The rotation measured (NaN when absent).
+        residual_px: What the stored transform leaves at the corners, in
+            level-0 px (NaN when absent).
     """
 
     fov: str
@@ -239,6 +246,21 @@ class QcPanel:
     status: str
     ncc_before: float
     ncc_after: float
+    rotation_deg: float = 0.0
+    measured_rotation_deg: float = math.nan
+    residual_px: float = math.nan
+
+    def corner_moves(self, angle_deg: float) -> list[tuple[tuple[float, float], ...]]:
+        """Per corner of the panel, ``((y, x), (dy, dx))``: where, and how far.
+
+        How far (shown-level px) a rotation about the centre moves the corner.
+        """
+        h, w = self.reference.shape
+        centre = {"y": h / 2, "x": w / 2}
+        motion = RigidTransform(angle_deg, centre, {})
+        corners = np.array([(y, x) for y in (0.0, h) for x in (0.0, w)])
+        moved = motion.apply_yx(corners) - corners
+        return [(tuple(c), tuple(m)) for c, m in zip(corners, moved)]
 
     def mismatch(self, which: str) -> float:
         """Mean absolute green-magenta difference over the covered pixels.
@@ -331,8 +353,19 @@ def _make_panel(
     reference, moving = _as_zyx(ref_pixels), _as_zyx(acq_pixels)
     shift_px = {a: shift_um.get(a, 0.0) / pixel_um[a] for a in pixel_um}
     vector = [shift_px.get(a, 0.0) for a in SPATIAL_AXES]
+    angle = _number(quality.get("rotation_deg"))
+    angle = angle if math.isfinite(angle) else 0.0
     # output[q] = input[q - shift]: acquisition pixel p shows reference p + t.
-    moved = ndimage.shift(moving, vector, order=1, mode="constant", cval=np.nan)
+    if angle:  # the stored rotation about the FOV's centre, then the shift
+        whole = np.ones(moving.shape[1:], np.float32)
+        covered = warp(whole, angle, vector[1:]) > 1 - 1e-3
+        planes = [warp(p, angle, vector[1:]) for p in moving.astype(np.float32)]
+        moved = np.where(covered, np.stack(planes), np.nan)
+        moved = ndimage.shift(
+            moved, (vector[0], 0, 0), order=0, mode="constant", cval=np.nan
+        )
+    else:
+        moved = ndimage.shift(moving, vector, order=1, mode="constant", cval=np.nan)
     ref_2d, before_2d, after_2d = (_project(v) for v in (reference, moving, moved))
     covered = np.isfinite(after_2d)
     low, high = _normalize(before_2d)
@@ -350,6 +383,9 @@ def _make_panel(
         status=_status(quality.get("registration_status")),
         ncc_before=_number(quality.get("ncc_before")),
         ncc_after=_number(quality.get("ncc_after")),
+        rotation_deg=angle,
+        measured_rotation_deg=_number(quality.get("measured_rotation_deg")),
+        residual_px=_number(quality.get("residual_px")),
     )
 
 
@@ -557,11 +593,21 @@ def _label_lines(panel: QcPanel, axes: Sequence[str]) -> list[list[Segment]]:
     )
     um = "  ".join(f"{a} {_signed(panel.translation_um[a])}" for a in axes)
     px = "  ".join(f"{a} {_signed(panel.translation_px[a])}" for a in axes)
+    turn = (
+        f"rotation {panel.rotation_deg:.3f}° (measured "
+        f"{_plain_angle(panel.measured_rotation_deg)}), corners "
+        f"{_plain(panel.residual_px)} px off"
+    )
     return [
         [(panel.status, colour), ("   " + ncc, TEXT_COLOUR)],
         [(f"{um} µm", TEXT_COLOUR)],
         [(f"{px} px", TEXT_COLOUR)],
+        [(turn, TEXT_COLOUR)],
     ]
+
+
+def _plain_angle(value: float) -> str:
+    return "-" if not math.isfinite(value) else f"{value:.3f}°"
 
 
 def draw_arrow(
@@ -613,6 +659,36 @@ def draw_arrow(
     pen.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
     coverage = mask.resize((right - left, bottom - top), Image.Resampling.BOX)
     picture.paste(colour, (left, top, right, bottom), coverage)
+
+
+def _corner_arrows(
+    picture: Image.Image,
+    panel: QcPanel,
+    origin: tuple[int, int],
+    upscale: int,
+    magnify: int,
+    *,
+    after: bool,
+) -> None:
+    """Arrows at the panel's corners, ``magnify`` times their length.
+
+    Before: how far the measured rotation moves each corner; after: how far
+    the stored transform leaves it (the rotation it does not undo).
+    """
+    measured = panel.measured_rotation_deg
+    if not math.isfinite(measured):
+        return
+    angle = measured - panel.rotation_deg if after else measured
+    h, w = panel.reference.shape
+    y0, x0 = origin
+    bounds = (y0, x0, y0 + h * upscale, x0 + w * upscale)
+    for (cy, cx), (dy, dx) in panel.corner_moves(angle):
+        start = (
+            y0 + min(cy * upscale, h * upscale - 1),
+            x0 + min(cx * upscale, w * upscale - 1),
+        )
+        vector = (dy * upscale * magnify, dx * upscale * magnify)
+        draw_arrow(picture, start, vector, bounds, CORNER_COLOUR)
 
 
 def _vector_scale(qc: WellQc, upscale: int, panel_hw: dict[str, tuple]) -> int:
@@ -670,7 +746,7 @@ def compose_qc_image(qc: WellQc, font: Font | None = None) -> np.ndarray:
     line_h = line_height(font)
     inner_w = max(2 * max_w * upscale + GAP, label_w)
     cell_w = 2 * FRAME + 2 * PAD + inner_w
-    label_h = 3 * line_h + PAD
+    label_h = max(len(lines) for lines in labels.values()) * line_h + PAD
     row_h = {
         fov: 2 * FRAME + 2 * PAD + panel_hw[fov][0] * upscale + label_h
         for fov in qc.fovs
@@ -728,6 +804,8 @@ def compose_qc_image(qc: WellQc, font: Font | None = None) -> np.ndarray:
                 vector,
                 (y, x_before, y + ph, x_before + pw),
             )
+            for x, after in ((x_before, False), (x_after, True)):
+                _corner_arrows(picture, panel, (y, x), upscale, scale, after=after)
             text_top = y + h * upscale + PAD
             _draw_lines(draw, labels[fov, path], text_top, x_before, font)
         top += row_h[fov] + MARGIN
@@ -759,8 +837,16 @@ def _header(qc: WellQc, vector_scale: int) -> list[Segment]:
             TEXT_COLOUR,
         ),
         ("Arrow", ARROW_COLOUR),
-        (f"= shift from the FOV centre, ×{vector_scale}. Frame:", TEXT_COLOUR),
+        (f"= shift from the FOV centre, ×{vector_scale};", TEXT_COLOUR),
+        ("corner arrows", CORNER_COLOUR),
+        (
+            f"= what the measured rotation moves the corners by (before) and "
+            f"what the stored transform leaves of it (after), ×{vector_scale}. "
+            "Frame:",
+            TEXT_COLOUR,
+        ),
         ("ok", STATUS_COLOURS["ok"]),
+        ("rotated", STATUS_COLOURS["rotated"]),
         ("fallback", STATUS_COLOURS["fallback"]),
         ("failed", STATUS_COLOURS["failed"]),
     ]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -35,8 +36,12 @@ from ngio import (
     RoiTable,
     create_empty_ome_zarr,
     create_empty_plate,
+    open_ome_zarr_container,
 )
 from scipy import ndimage
+
+from fractal_tasks.geometry import RigidTransform
+from fractal_tasks.hcs.roi_tables import stored_transforms
 
 REGISTRATION_WAVELENGTH = "A01_C01"
 STAIN_WAVELENGTH = "A01_C02"
@@ -75,6 +80,10 @@ class SynthSpec:
     max_shift_z: int = 0
     subpixel: bool = False  # shifts in 1/8 px instead of whole pixels
     shift_per_well: bool = False  # every FOV of an acquisition moves alike
+    # Per acquisition (index; missing: 0), its rotation in degrees about the
+    # well's centre, as when a plate is re-seated in its holder; a rotated
+    # acquisition's FOVs move as one piece (no jitter).
+    rotation_deg: tuple[float, ...] = ()
     nucleus_radius: tuple[float, float] = (9.0, 17.0)
     area_per_nucleus: float = 2200.0
     # half-depth of an object in z: this fraction of the stack, plus one plane
@@ -162,6 +171,8 @@ class SyntheticPlate:
     translations_px: dict[str, dict[str, tuple[float, float, float]]] = field(
         default_factory=dict
     )
+    # zarr_url -> rotation in degrees (about every FOV's centre as well)
+    rotations_deg: dict[str, float] = field(default_factory=dict)
     # seconds spent rendering, writing level 0 and building pyramids
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -173,6 +184,67 @@ class SyntheticPlate:
         """True (z, y, x) translation of one FOV, in micrometres."""
         z, y, x = self.translations_px[zarr_url][roi_name]
         return (z * self.z_spacing, y * self.pixel_size, x * self.pixel_size)
+
+    def corner_error(
+        self,
+        zarr_url: str,
+        roi_name: str,
+        box_px: dict[str, tuple[float, float]],
+        stored: RigidTransform,
+    ) -> float:
+        """Largest gap (level-0 px) between a stored transform and the truth.
+
+        The gap is between where the two put each of the FOV's corners.
+
+        Args:
+            zarr_url: The acquisition.
+            roi_name: The FOV.
+            box_px: Its ``{"y": (start, stop), "x": (start, stop)}`` in px.
+            stored: The transform stored for it, in px.
+        """
+        true = self.true_translation_px(zarr_url, roi_name)
+        centre = {a: (b + e) / 2 for a, (b, e) in box_px.items()}
+        truth = RigidTransform(
+            self.rotations_deg.get(zarr_url, 0.0),
+            centre,
+            {"y": true[1], "x": true[2]},
+        )
+        corners = np.array([(y, x) for y in box_px["y"] for x in box_px["x"]], float)
+        gap = stored.apply_yx(corners) - truth.apply_yx(corners)
+        return float(np.max(np.hypot(gap[:, 0], gap[:, 1])))
+
+    def corner_errors(
+        self, zarr_url: str, table: str = "FOV_ROI_table"
+    ) -> dict[str, float]:
+        """Per FOV, :meth:`corner_error` of the transform Calculate stored."""
+        container = open_ome_zarr_container(zarr_url)
+        rois = {r.name: r for r in container.get_roi_table(table).rois()}
+        stored = stored_transforms(container, rois, zarr_url, table) or {}
+        pixel = {"y": self.pixel_size, "x": self.pixel_size, "z": self.z_spacing}
+        out = {}
+        for name, motion in stored.items():
+            box = {a: (rois[name][a].start, rois[name][a].end) for a in ("y", "x")}
+            box_px = {a: (b / pixel[a], e / pixel[a]) for a, (b, e) in box.items()}
+            out[name] = self.corner_error(
+                zarr_url, name, box_px, motion.in_pixels(pixel)
+            )
+        return out
+
+    def copied_to(self, target: str | Path) -> SyntheticPlate:
+        """A copy of the plate's files at ``target``, and its truth there."""
+        shutil.copytree(self.plate_url, target)
+        old, new = self.plate_url, str(target)
+
+        def moved(url: str) -> str:
+            return url.replace(old, new)
+
+        return replace(
+            self,
+            plate_url=new,
+            images=[replace(i, zarr_url=moved(i.zarr_url)) for i in self.images],
+            translations_px={moved(k): v for k, v in self.translations_px.items()},
+            rotations_deg={moved(k): v for k, v in self.rotations_deg.items()},
+        )
 
     def images_of_well(self, well: str) -> list[SyntheticImage]:
         """Images of one well (e.g. ``B03``), reference acquisition first."""
@@ -204,6 +276,7 @@ def build_synthetic_plate(
     labels: bool = True,
     chunks: tuple[int, ...] | None = None,
     seed: int = 0,
+    rotation_deg: tuple[float, ...] = (),
 ) -> SyntheticPlate:
     """Write a small multiplexed HCS plate whose per-FOV shifts are known.
 
@@ -230,9 +303,12 @@ def build_synthetic_plate(
         labels: Also write a ``nuclei`` label image in every acquisition.
         chunks: Chunk shape of the images (ngio's default when None).
         seed: Random seed; the same seed writes the same plate.
+        rotation_deg: Per acquisition, its rotation in degrees about the
+            well's centre (see ``SynthSpec.rotation_deg``).
 
     Returns:
-        The plate's URL, its images and the true translation of every FOV.
+        The plate's URL, its images and the true translation (and rotation)
+        of every FOV.
 
     Raises:
         ValueError: On unsupported axes, or ``n_z > 1`` without a ``z`` axis.
@@ -256,6 +332,7 @@ def build_synthetic_plate(
         max_shift_fraction=max_shift_fraction,
         max_shift_z=max_shift_z,
         subpixel=subpixel,
+        rotation_deg=tuple(rotation_deg),
         nucleus_radius=(1.5 * radius, 3.0 * radius),
         area_per_nucleus=13.0 * (2.25 * radius) ** 2,
         nucleus_depth=(0.05, 0.15),
@@ -373,17 +450,85 @@ class _Sample:
                     continue
                 jit = rng.uniform(-0.25, 0.25, 2) * scale
                 jit_z = rng.uniform(-0.25, 0.25) * mz if mz else 0.0
-                if spec.shift_per_well:
+                if spec.shift_per_well or self.rotation(a):
                     jit, jit_z = jit * 0, 0.0  # the whole well moved as one piece
                 t = base + jit
                 # a subpixel shift keeps a clear fractional part
                 t = np.round(t * 8) / 8.0 if spec.subpixel else np.round(t)
+                if self.rotation(a):  # the FOV's centre moves with the well
+                    t = self.well_motion(a, t)(self.fov_centre(name)) - self.fov_centre(
+                        name
+                    )
                 out[(a, name)] = (
                     float(round(base_z + jit_z)),
                     float(t[0]),
                     float(t[1]),
                 )
         return out
+
+    def rotation(self, a: int) -> float:
+        """Rotation of acquisition ``a`` in degrees (0 for the reference)."""
+        angles = self.spec.rotation_deg
+        return float(angles[a]) if 0 < a < len(angles) else 0.0
+
+    def fov_centre(self, name: str) -> np.ndarray:
+        """(y, x) centre of a FOV in the well, continuous level-0 px."""
+        oy, ox = self.spec.fov_origin(self.spec.fov_names.index(name))
+        fy, fx = self.spec.fov_shape
+        return np.array([oy + fy / 2, ox + fx / 2])
+
+    def well_motion(self, a: int, translation: np.ndarray):
+        """Where acquisition ``a``'s points (y, x) lie in the reference.
+
+        A rotation about the well's centre, then ``translation``: the
+        geometry's ``RigidTransform`` convention (continuous coordinates).
+        """
+        t = math.radians(self.rotation(a))
+        matrix = np.array([[math.cos(t), math.sin(t)], [-math.sin(t), math.cos(t)]])
+        centre = np.array(self.spec.well_shape) / 2
+
+        def move(points: np.ndarray) -> np.ndarray:
+            return (np.asarray(points) - centre) @ matrix.T + centre + translation
+
+        return move
+
+    def _rotated(self, a, fov_index, name, render, order):
+        """A FOV of a rotated acquisition, as a function of the plane.
+
+        ``render(plane, y0, x0, h, w)`` draws the sample around where the
+        FOV's pixels lie; it is resampled at their points.
+        """
+        spec = self.spec
+        fy, fx = spec.fov_shape
+        oy, ox = spec.fov_origin(fov_index)
+        fov_t = np.array(self.truth[(a, name)][1:])
+        centre = self.fov_centre(name)
+        # the FOV moves as the well does: about its own centre, by its truth
+        t = math.radians(self.rotation(a))
+        matrix = np.array([[math.cos(t), math.sin(t)], [-math.sin(t), math.cos(t)]])
+        grid = np.stack(
+            np.meshgrid(
+                oy + np.arange(fy) + 0.5, ox + np.arange(fx) + 0.5, indexing="ij"
+            ),
+            axis=-1,
+        )
+        points = (grid - centre) @ matrix.T + centre + fov_t - 0.5
+        y0 = int(math.floor(points[..., 0].min())) - 4
+        x0 = int(math.floor(points[..., 1].min())) - 4
+        h = int(math.ceil(points[..., 0].max())) + 5 - y0
+        w = int(math.ceil(points[..., 1].max())) + 5 - x0
+        where = [points[..., 0] - y0, points[..., 1] - x0]
+
+        def resampled(plane):
+            drawn = render(plane, y0, x0, h, w)
+            planes = drawn if drawn.ndim == 3 else drawn[None]
+            out = [
+                ndimage.map_coordinates(p, where, order=order, mode="nearest")
+                for p in planes
+            ]
+            return np.stack(out) if drawn.ndim == 3 else out[0]
+
+        return resampled
 
     def render_signal(self, c, z, a, y0, x0, h, w):
         """Noise-free signal of channel c, plane z, acq a on a window."""
@@ -440,18 +585,32 @@ class _Sample:
         fr_y, fr_x = ty - iy, tx - ix
         pad = 4 if (fr_y or fr_x) else 0
         block = np.empty((spec.n_channels, spec.n_z, fy, fx), np.uint16)
+        rotated = None
+        if self.rotation(a):
+            rotated = self._rotated(
+                a,
+                fov_index,
+                name,
+                lambda cz, y0, x0, h, w: self.render_signal(
+                    cz[0], cz[1] + tz, a, y0, x0, h, w
+                ),
+                order=3,
+            )
         for c in range(spec.n_channels):
             for z in range(spec.n_z):
-                sig = self.render_signal(
-                    c,
-                    z + tz,
-                    a,
-                    oy + iy - pad,
-                    ox + ix - pad,
-                    fy + 2 * pad,
-                    fx + 2 * pad,
-                )
-                if pad:
+                if rotated is not None:
+                    sig = rotated((c, z)).astype(np.float32)
+                else:
+                    sig = self.render_signal(
+                        c,
+                        z + tz,
+                        a,
+                        oy + iy - pad,
+                        ox + ix - pad,
+                        fy + 2 * pad,
+                        fx + 2 * pad,
+                    )
+                if pad and rotated is None:
                     sig = ndimage.shift(sig, (-fr_y, -fr_x), order=3, mode="nearest")
                     sig = sig[pad : pad + fy, pad : pad + fx]
                 sig *= self.gain[a, c]
@@ -479,7 +638,20 @@ class _Sample:
         fy, fx = spec.fov_shape
         oy, ox = spec.fov_origin(fov_index)
         tz, ty, tx = self.truth[(a, name)]
-        y0, x0 = oy + int(round(ty)), ox + int(round(tx))
+        if self.rotation(a):
+            rotated = self._rotated(
+                a,
+                fov_index,
+                name,
+                lambda _, y0, x0, h, w: self._labels_at(tz, y0, x0, h, w),
+                order=0,
+            )
+            return rotated(None)
+        return self._labels_at(tz, oy + int(round(ty)), ox + int(round(tx)), fy, fx)
+
+    def _labels_at(self, tz, y0, x0, fy, fx):
+        """uint32 (Z, Y, X) labels of the sample on a window (z moved by tz)."""
+        spec = self.spec
         tmpl = self.templates[0]
         masks = [t > 0.25 * t.max() for t in tmpl]
         sel = self._overlapping(tmpl, y0, x0, fy, fx)
@@ -563,6 +735,7 @@ def build_plate(path: str | Path, spec: SynthSpec) -> SyntheticPlate:
             plate.translations_px[url] = {
                 name: sample.truth[(a, name)] for name in spec.fov_names
             }
+            plate.rotations_deg[url] = sample.rotation(a)
     plate.seconds = dict(zip(("render", "write_level0", "pyramid"), seconds))
     return plate
 

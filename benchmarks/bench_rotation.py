@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""Rotation between cycles: accuracy, verdicts and cost, translation vs rigid.
+
+For each angle, a synthetic plate (1 well, 2x2 FOVs of 1080x1280 px, the
+reference and one cycle rotated about the well's centre, subpixel shifts) is
+registered at ``--level`` (default: Calculate's default ``level_path="2"``)
+with both models, in this process. Per model the table gives the worst angle
+error over the FOVs, the worst gap at the FOVs' corners between the stored
+transform and the truth (level-0 px; what Apply then leaves), the statuses,
+Calculate's ms per FOV and Apply's time for the rotated cycle.
+
+Run with the project venv:
+    .venv/bin/python benchmarks/bench_rotation.py [--angles 0 0.5 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from ngio import open_ome_zarr_container
+
+from fractal_tasks.apply_registration_to_image import apply_registration_to_image
+from fractal_tasks.registration.calculate import load_quality
+from fractal_tasks.tools.synthetic import build_synthetic_plate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _workflow import calculate, consensus  # noqa: E402
+
+ANGLES = (0.0, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+def _measure(plate, model: str, level: str) -> dict:
+    started = time.perf_counter()
+    calculate(plate, transform=model, level_path=level)
+    calc_s = time.perf_counter() - started
+    url = plate.images[1].zarr_url
+    container = open_ome_zarr_container(url)
+    quality = load_quality(container, "FOV_ROI_table")
+    truth = plate.rotations_deg[url]
+    gaps = list(plate.corner_errors(url).values())
+    errors = [abs(v - truth) for v in quality["measured_rotation_deg"]]
+    consensus(plate)
+    started = time.perf_counter()
+    apply_registration_to_image(
+        zarr_url=url,
+        registered_roi_table="FOV_ROI_table_registered",
+        overwrite_input=False,
+    )
+    apply_s = time.perf_counter() - started
+    return {
+        "angle error (°)": max(errors),
+        "corner gap (px)": max(gaps),
+        "status": dict(Counter(quality["registration_status"])),
+        "ms per FOV": 1000 * calc_s / (2 * len(quality)),
+        "apply (s)": apply_s,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--angles", type=float, nargs="*", default=ANGLES)
+    parser.add_argument("--level", default="2", help="Calculate's level_path")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for angle in args.angles:
+            template = build_synthetic_plate(
+                Path(tmp, "t", "plate.zarr"),
+                n_acquisitions=2,
+                fovs=(2, 2),
+                fov_shape=(1080, 1280),
+                levels=4,
+                seed=5,
+                rotation_deg=(0.0, angle),
+                subpixel=True,
+                max_shift_fraction=0.01,
+                labels=True,
+            )
+            for model in ("translation", "rigid"):
+                copy = Path(tmp, model, "plate.zarr")
+                shutil.rmtree(copy.parent, ignore_errors=True)
+                plate = template.copied_to(copy)
+                rows.append((angle, model, _measure(plate, model, args.level)))
+    print(
+        "| angle (°) | model | angle error (°) | corner gap (px) | status | "
+        "Calculate ms/FOV | Apply (s) |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for angle, model, r in rows:
+        status = ", ".join(f"{k} {v}" for k, v in sorted(r["status"].items()))
+        print(
+            f"| {angle:g} | {model} | {r['angle error (°)']:.3f} | "
+            f"{r['corner gap (px)']:.2f} | {status} | {r['ms per FOV']:.0f} | "
+            f"{r['apply (s)']:.2f} |"
+        )
+    print(
+        f"\ncommand: .venv/bin/python benchmarks/bench_rotation.py --level "
+        f"{args.level} --angles {' '.join(f'{a:g}' for a in args.angles)}"
+    )
+
+
+if __name__ == "__main__":
+    main()
