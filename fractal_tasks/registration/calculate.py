@@ -508,16 +508,10 @@ def estimate_rois(
     if transform == "rigid":  # the rotation first, then the shift without it
         with ThreadPoolExecutor(max(1, workers)) as pool:
             measured = dict(zip(names, pool.map(measure, names)))
-        reliable = {
-            n
-            for n, (_, r) in measured.items()
-            if r.measured
-            and corner_displacement(
-                r.uncertainty_deg, size_um(pairs[n], chosen[n]), unit_um
-            )
-            <= MOVES_NO_PIXEL
-        }
-        angles, how = rigid_angles({n: r for n, (_, r) in measured.items()}, reliable)
+        rotations = {n: r for n, (_, r) in measured.items()}
+        sizes = {n: size_um(pairs[n], chosen[n]) for n in names}
+        reliable = reliable_rois(rotations, sizes, unit_um)
+        angles, how = rigid_angles(rotations, reliable)
         turns = {n: (angles[n], how[n]) for n in names}
 
     def one(name: str) -> RoiEstimate:
@@ -665,6 +659,12 @@ def judge(
             "to store zero shifts."
         )
     fallback, replacement = _fallback(shifts_um[good], level0_pixel_um, axes)
+    seen = _rotations_seen(
+        {n: estimates[n].rotation for n in names},
+        {names[i] for i in good},
+        roi_size_um,
+        level0_pixel_um,
+    )
     results = []
     for i, (name, verdict) in enumerate(zip(names, verdicts)):
         shift = shifts_um[i] if verdict.good else fallback
@@ -675,23 +675,19 @@ def judge(
         if corner_displacement(applied, size, level0_pixel_um) < MOVES_NO_PIXEL:
             applied = 0.0
         rotation = estimates[name].rotation
-        residual = corner_displacement(
-            rotation.angle_deg - applied, size, level0_pixel_um
+        angle, source, judged = (
+            (rotation.angle_deg, "", False) if transform == "rigid" else seen[name]
         )
+        residual = corner_displacement(angle - applied, size, level0_pixel_um)
         if not verdict.good:
             status = RegistrationStatus.FALLBACK if good else RegistrationStatus.FAILED
             note = f"{verdict.reason}; shift replaced by {replacement}"
             logger.warning("ROI %s of %s: %s.", name, zarr_url, note)
-        elif (
-            transform == "translation"
-            and rotation.significant
-            and not ROTATION_RESIDUAL.holds(residual)
-        ):
+        elif judged and not ROTATION_RESIDUAL.holds(residual):
             status = RegistrationStatus.ROTATED
             note = (
-                f"rotated by {rotation.angle_deg:.2f}° (± "
-                f"{rotation.uncertainty_deg:.2f}°): the translation leaves its "
-                f"corners up to {residual:.1f} px away; register it with "
+                f"rotated by {angle:.2f}° ({source}): the translation leaves "
+                f"its corners up to {residual:.1f} px away; register it with "
                 'transform="rigid"'
             )
         elif applied:
@@ -718,6 +714,53 @@ def judge(
     return results
 
 
+def reliable_rois(
+    rotations: dict[str, RotationEstimate],
+    sizes_um: dict[str, dict[str, float]],
+    pixel_um: dict[str, float],
+) -> set[str]:
+    """The ROIs whose angle is measured to ``MOVES_NO_PIXEL`` at their corners.
+
+    That is, one standard deviation of the angle moves the ROI's corners by
+    at most that many pixels (of ``pixel_um``).
+    """
+    return {
+        n
+        for n, r in rotations.items()
+        if r.measured
+        and corner_displacement(r.uncertainty_deg, sizes_um[n], pixel_um)
+        <= MOVES_NO_PIXEL
+    }
+
+
+def _rotations_seen(
+    rotations: dict[str, RotationEstimate],
+    good: set[str],
+    sizes_um: dict[str, dict[str, float]],
+    pixel_um: dict[str, float],
+) -> dict[str, tuple[float, str, bool]]:
+    """Under the translation model, the rotation each ROI is judged by.
+
+    Per ROI ``(angle, how it was chosen, judged)``: its own angle where it
+    is reliable (judged when at least 3 times its uncertainty); otherwise,
+    where reliable good ROIs measured one, the angle of the well (see
+    :func:`rigid_angles`): a ROI whose own measurement is weak turned with
+    the others all the same. Else its own angle, not judged.
+    """
+    reliable = reliable_rois(rotations, sizes_um, pixel_um)
+    angles, how = rigid_angles(rotations, reliable & good)
+    out = {}
+    for name, rotation in rotations.items():
+        own = (rotation.angle_deg, f"± {rotation.uncertainty_deg:.2f}°")
+        if name in reliable:
+            out[name] = (*own, rotation.significant)
+        elif how[name] not in (NONE_MEASURED, OWN_ANGLE):
+            out[name] = (angles[name], how[name], True)
+        else:  # weak, and no other ROI to tell: shown, not judged
+            out[name] = (*own, False)
+    return out
+
+
 def beyond_reach(angle_deg: float, rotation: RotationEstimate) -> bool:
     """True for a rotation beyond ``MAX_ROTATION_DEG`` by more than 3 SD."""
     sigma = rotation.uncertainty_deg if rotation.measured else 0.0
@@ -725,6 +768,7 @@ def beyond_reach(angle_deg: float, rotation: RotationEstimate) -> bool:
 
 
 NONE_MEASURED = "none measured"
+OWN_ANGLE = "this ROI's own"
 
 
 def rigid_angles(
@@ -754,7 +798,7 @@ def rigid_angles(
     angles, how = {}, {}
     for name in rotations:
         if name in measured:
-            angles[name], how[name] = measured[name].angle_deg, "this ROI's own"
+            angles[name], how[name] = measured[name].angle_deg, OWN_ANGLE
         else:
             angles[name] = mean if len(measured) == 1 else median
             how[name] = "the median of the good ROIs"

@@ -218,7 +218,7 @@ class SyntheticPlate:
     ) -> dict[str, float]:
         """Per FOV, :meth:`corner_error` of the transform Calculate stored."""
         container = open_ome_zarr_container(zarr_url)
-        rois = {r.name: r for r in container.get_roi_table(table).rois()}
+        rois = {str(r.name): r for r in container.get_roi_table(table).rois()}
         stored = stored_transforms(container, rois, zarr_url, table) or {}
         pixel = {"y": self.pixel_size, "x": self.pixel_size, "z": self.z_spacing}
         out = {}
