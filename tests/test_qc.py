@@ -156,3 +156,36 @@ def test_micro_sign_is_a_glyph_of_the_font():
     # drawn as itself, not as the missing-glyph box nor as a plain "u"
     assert not has_glyph(font, "\uffff")
     assert bytes(font.getmask("µ")) != bytes(font.getmask("u"))
+
+
+@pytest.mark.parametrize("model", ["translation", "rigid"])
+def test_rotated_cycles_show_their_angle_and_corners(make_plate, tmp_path, model):
+    plate = make_plate(
+        n_acquisitions=2,
+        fov_shape=(128, 160),
+        levels=2,
+        rotation_deg=(0.0, 0.8),
+        subpixel=True,
+    )
+    calculate(plate, level_path="0", transform=model)
+    well = f"{plate.plate_url}/B/03"
+    qc = well_qc_panels(well, wavelength_id="A01_C01", level_path="0")
+    for panel in qc.panels.values():
+        assert panel.measured_rotation_deg == pytest.approx(0.8, abs=0.08)
+        # the corners move by the rotation before; after, by what is left of it
+        moves = [np.hypot(*m) for _, m in panel.corner_moves(0.8)]
+        radius = np.hypot(64, 80)
+        assert min(moves) == pytest.approx(2 * radius * np.sin(np.radians(0.4)), 0.01)
+        if model == "rigid":
+            assert panel.status == "ok"
+            assert panel.rotation_deg == pytest.approx(0.8, abs=0.08)
+            assert panel.residual_px < 0.5
+            # the stored rotation is undone in the after overlay
+            assert panel.mismatch("after") < 0.8 * panel.mismatch("before")
+        else:
+            assert panel.status == "rotated" and panel.rotation_deg == 0.0
+            assert panel.residual_px > 1.0
+    out = render_well_qc(well, str(tmp_path / "qc.png"), wavelength_id="A01_C01")
+    image = imread(out)
+    colour = STATUS_COLOURS["ok" if model == "rigid" else "rotated"]
+    assert np.all(image == colour, axis=-1).sum() > 4 * 4 * 100

@@ -41,10 +41,8 @@ def _pair(image: np.ndarray, angle: float, shift: tuple[float, float]):
     return reference, moving
 
 
-@pytest.mark.parametrize(
-    "kind", ["camera", "coins", "astronaut", "moon", "brick", "grass"]
-)
-@pytest.mark.parametrize("angle", [0.0, 0.3, 2.0, -4.5])
+@pytest.mark.parametrize("kind", ["camera", "coins", "astronaut", "grass"])
+@pytest.mark.parametrize("angle", [0.0, 0.3, -4.5])
 def test_the_angle_of_crops_of_several_kinds(kind, angle):
     image = getattr(data, kind)()
     image = image[..., 1] if image.ndim == 3 else image

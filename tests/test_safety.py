@@ -51,9 +51,9 @@ CTX.set_forkserver_preload(
     ]
 )
 LONG = os.environ.get("FRACTAL_TASKS_LONG_TESTS", "") not in ("", "0")
-WELL_ROUNDS = int(os.environ.get("FRACTAL_TASKS_WELL_ROUNDS", 20 if LONG else 3))
+WELL_ROUNDS = int(os.environ.get("FRACTAL_TASKS_WELL_ROUNDS", 20 if LONG else 2))
 ADDITIONS = 32 if LONG else 8
-KILLS = 12 if LONG else 4
+KILLS = 12 if LONG else 3
 REPLACES = 1000 if LONG else 200
 # set by .ci/fuse_safety.sh: the bindfs mount the tests' tmp_path must be on
 FUSE_MOUNT = os.environ.get("FRACTAL_TASKS_FUSE_MOUNT")

@@ -69,6 +69,7 @@ STATUS_COLOURS: dict[str, Colour] = {
 UNKNOWN_COLOUR = (140, 140, 140)
 ARROW_COLOUR = (255, 235, 0)
 CORNER_COLOUR = (0, 220, 255)
+CORNER_REACH = 0.8  # corner arrows start this far from the centre to the corner
 TEXT_COLOUR = (235, 235, 235)
 DIM_TEXT_COLOUR = (160, 160, 160)
 BACKGROUND = (24, 24, 28)
@@ -250,15 +251,24 @@ class QcPanel:
     measured_rotation_deg: float = math.nan
     residual_px: float = math.nan
 
-    def corner_moves(self, angle_deg: float) -> list[tuple[tuple[float, float], ...]]:
+    def corner_moves(
+        self, angle_deg: float, reach: float = 1.0
+    ) -> list[tuple[tuple[float, float], ...]]:
         """Per corner of the panel, ``((y, x), (dy, dx))``: where, and how far.
 
-        How far (shown-level px) a rotation about the centre moves the corner.
+        How far (shown-level px) a rotation about the centre moves the point
+        ``reach`` of the way from the centre to the corner.
         """
         h, w = self.reference.shape
         centre = {"y": h / 2, "x": w / 2}
         motion = RigidTransform(angle_deg, centre, {})
-        corners = np.array([(y, x) for y in (0.0, h) for x in (0.0, w)])
+        corners = np.array(
+            [
+                (h / 2 + reach * (y - h / 2), w / 2 + reach * (x - w / 2))
+                for y in (0.0, h)
+                for x in (0.0, w)
+            ]
+        )
         moved = motion.apply_yx(corners) - corners
         return [(tuple(c), tuple(m)) for c, m in zip(corners, moved)]
 
@@ -670,7 +680,7 @@ def _corner_arrows(
     *,
     after: bool,
 ) -> None:
-    """Arrows at the panel's corners, ``magnify`` times their length.
+    """Arrows near the panel's corners, ``magnify`` times their length.
 
     Before: how far the measured rotation moves each corner; after: how far
     the stored transform leaves it (the rotation it does not undo).
@@ -682,11 +692,8 @@ def _corner_arrows(
     h, w = panel.reference.shape
     y0, x0 = origin
     bounds = (y0, x0, y0 + h * upscale, x0 + w * upscale)
-    for (cy, cx), (dy, dx) in panel.corner_moves(angle):
-        start = (
-            y0 + min(cy * upscale, h * upscale - 1),
-            x0 + min(cx * upscale, w * upscale - 1),
-        )
+    for (cy, cx), (dy, dx) in panel.corner_moves(angle, CORNER_REACH):
+        start = (y0 + cy * upscale, x0 + cx * upscale)
         vector = (dy * upscale * magnify, dx * upscale * magnify)
         draw_arrow(picture, start, vector, bounds, CORNER_COLOUR)
 
@@ -840,9 +847,9 @@ def _header(qc: WellQc, vector_scale: int) -> list[Segment]:
         (f"= shift from the FOV centre, ×{vector_scale};", TEXT_COLOUR),
         ("corner arrows", CORNER_COLOUR),
         (
-            f"= what the measured rotation moves the corners by (before) and "
-            f"what the stored transform leaves of it (after), ×{vector_scale}. "
-            "Frame:",
+            f"= what the measured rotation moves points near the corners by "
+            f"(before, {CORNER_REACH:.0%} of the way out) and what the stored "
+            f"transform leaves of it (after), ×{vector_scale}. Frame:",
             TEXT_COLOUR,
         ),
         ("ok", STATUS_COLOURS["ok"]),
