@@ -16,8 +16,10 @@ Run with the project venv:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -63,12 +65,82 @@ def _measure(plate, model: str, level: str) -> dict:
     }
 
 
+RUNNER = Path(__file__).resolve().parent / "_task_runner.py"
+
+
+def _apply_peak(plate, url: str) -> tuple[float, float]:
+    """Apply on one image in a process of its own: (seconds, peak RSS in MB)."""
+    spec = {
+        "imports": ["fractal_tasks.apply_registration_to_image"],
+        "steps": [
+            {
+                "kind": "each",
+                "func": "fractal_tasks.apply_registration_to_image:"
+                "apply_registration_to_image",
+                "zarr_urls": [url],
+                "kwargs": {
+                    "registered_roi_table": "FOV_ROI_table_registered",
+                    "overwrite_input": False,
+                },
+            }
+        ],
+    }
+    folder = Path(plate.plate_url).parent
+    spec_path, result_path = folder / "spec.json", folder / "result.json"
+    spec_path.write_text(json.dumps(spec))
+    subprocess.run(
+        [sys.executable, str(RUNNER), str(spec_path), str(result_path)], check=True
+    )
+    result = json.loads(result_path.read_text())
+    return result["task_seconds"], result["maxrss_end_kb"] / 1024
+
+
+def memory(tmp: str, angle: float) -> None:
+    """Peak memory of Apply on a rotated well and on one 4 times as large."""
+    print("\n| well (FOVs of 1080x1280) | rotation | Apply (s) | peak RSS (MB) |")
+    print("| --- | --- | --- | --- |")
+    for fovs in ((2, 2), (4, 4)):
+        for turn in (0.0, angle):
+            plate = build_synthetic_plate(
+                Path(tmp, f"m{fovs[0]}_{turn}", "plate.zarr"),
+                n_acquisitions=2,
+                fovs=fovs,
+                fov_shape=(1080, 1280),
+                levels=4,
+                seed=5,
+                rotation_deg=(0.0, turn),
+                subpixel=True,
+                max_shift_fraction=0.01,
+                labels=True,
+            )
+            calculate(plate, transform="rigid", level_path="2")
+            consensus(plate)
+            seconds, peak = _apply_peak(plate, plate.images[1].zarr_url)
+            print(f"| {fovs[0]}x{fovs[1]} | {turn:g}° | {seconds:.2f} | {peak:.0f} |")
+            shutil.rmtree(Path(plate.plate_url).parent)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--angles", type=float, nargs="*", default=ANGLES)
     parser.add_argument("--level", default="2", help="Calculate's level_path")
+    parser.add_argument(
+        "--memory",
+        type=float,
+        default=None,
+        metavar="ANGLE",
+        help="instead: Apply's peak memory on 2x2 and 4x4 FOVs, rotated or not",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
+    if args.memory is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            memory(tmp, args.memory)
+        print(
+            f"\ncommand: .venv/bin/python benchmarks/bench_rotation.py --memory "
+            f"{args.memory:g}"
+        )
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for angle in args.angles:
