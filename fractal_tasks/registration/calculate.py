@@ -410,11 +410,13 @@ def estimate_rois(
         quantiles: Lower and upper rescale quantiles.
         workers: Threads estimating ROIs at once.
         transform: The model. The rotation is measured under both: at the
-            level the shift was kept at under ``"translation"``; under
-            ``"rigid"`` first, at the ROI's level, and when it moves the ROI's
+            level the shift was kept at under ``"translation"``. Under
+            ``"rigid"``, first for every ROI at its level; then each ROI gets
+            its angle (:func:`rigid_angles`, from the ROIs whose angle is
+            reliable, :func:`reliable_rois`), and where that moves the ROI's
             corners by ``MOVES_NO_PIXEL`` level-0 px or more, the shift and
             its evidence are estimated with the rotation undone, at every
-            level read.
+            level read, and what is left of the rotation is measured again.
         level0_pixel_um: Pixel size of level 0 (default: that of
             ``level_path``), the unit of ``MOVES_NO_PIXEL``.
 
