@@ -38,6 +38,22 @@ from _workflow import calculate, consensus  # noqa: E402
 ANGLES = (0.0, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
+def _plate(path: Path, angle: float, fovs: tuple[int, int] = (2, 2)):
+    """The benchmark plate: 1 well, FOVs of 1080x1280 px, cycle 1 rotated."""
+    return build_synthetic_plate(
+        path,
+        n_acquisitions=2,
+        fovs=fovs,
+        fov_shape=(1080, 1280),
+        levels=4,
+        seed=5,
+        rotation_deg=(0.0, angle),
+        subpixel=True,
+        max_shift_fraction=0.01,
+        labels=True,
+    )
+
+
 def _measure(plate, model: str, level: str) -> dict:
     started = time.perf_counter()
     calculate(plate, transform=model, level_path=level)
@@ -101,18 +117,7 @@ def memory(tmp: str, angle: float) -> None:
     print("| --- | --- | --- | --- |")
     for fovs in ((2, 2), (4, 4)):
         for turn in (0.0, angle):
-            plate = build_synthetic_plate(
-                Path(tmp, f"m{fovs[0]}_{turn}", "plate.zarr"),
-                n_acquisitions=2,
-                fovs=fovs,
-                fov_shape=(1080, 1280),
-                levels=4,
-                seed=5,
-                rotation_deg=(0.0, turn),
-                subpixel=True,
-                max_shift_fraction=0.01,
-                labels=True,
-            )
+            plate = _plate(Path(tmp, f"m{fovs[0]}_{turn}", "plate.zarr"), turn, fovs)
             calculate(plate, transform="rigid", level_path="2")
             consensus(plate)
             seconds, peak = _apply_peak(plate, plate.images[1].zarr_url)
@@ -144,18 +149,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for angle in args.angles:
-            template = build_synthetic_plate(
-                Path(tmp, "t", "plate.zarr"),
-                n_acquisitions=2,
-                fovs=(2, 2),
-                fov_shape=(1080, 1280),
-                levels=4,
-                seed=5,
-                rotation_deg=(0.0, angle),
-                subpixel=True,
-                max_shift_fraction=0.01,
-                labels=True,
-            )
+            template = _plate(Path(tmp, "t", "plate.zarr"), angle)
             for model in ("translation", "rigid"):
                 copy = Path(tmp, model, "plate.zarr")
                 shutil.rmtree(copy.parent, ignore_errors=True)
