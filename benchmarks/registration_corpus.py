@@ -66,7 +66,7 @@ QUICK_IMAGES = [
     "fundus_rim",
     "bbbc007_nuclei",
 ]
-STATUSES = ("ok", "fallback", "failed")
+STATUSES = ("ok", "rotated", "fallback", "failed")
 # calibration: the images the constants were chosen on (in-sample); held-out:
 # images added afterwards, for validation only
 SETS = ("calibration", "held-out")
@@ -119,13 +119,16 @@ def ours_group(cases: list[corpus.Case], repeats: int) -> list[dict]:
         estimate_with_retry,
         judge,
     )
+    from fractal_tasks.registration.rotation import (  # noqa: PLC0415
+        estimate_rotation,
+    )
 
     levels = {}
 
     ndim = cases[0].ndim
     axes = ["z", "y", "x"][3 - ndim :]
     pixel_um = {a: float(s) for a, s in zip(axes, scale(ndim))}  # level-0 px = 1 µm
-    estimates, seconds, errors = {}, {}, {}
+    estimates, seconds, errors, rotations = {}, {}, {}, {}
     for c in cases:
         name = f"FOV_{c.fov}"
         best = np.inf
@@ -138,6 +141,10 @@ def ours_group(cases: list[corpus.Case], repeats: int) -> list[dict]:
                     paths,
                     # sized without making the level, as LevelPair.pixels does
                     pixels=lambda path, c=c: int(c.reference.size / LEVELS[path] ** 2),
+                )
+                # the translation model measures the rotation too, as the task
+                rotations[name] = estimate_rotation(
+                    *level_pair(c, levels[name]), est.shift
                 )
             except Exception as err:  # noqa: BLE001
                 est, errors[name] = None, f"{type(err).__name__}: {err}"
@@ -167,6 +174,8 @@ def ours_group(cases: list[corpus.Case], repeats: int) -> list[dict]:
                     else float(p)
                     for a, p in pixel_um.items()
                 },
+                rotation=rotations[k],
+                centre_um={a: roi_size_um[k][a] / 2 for a in ("y", "x")},
             )
             for k, e in estimates.items()
         }

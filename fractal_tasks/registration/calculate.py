@@ -661,11 +661,15 @@ def judge(
             "to store zero shifts."
         )
     fallback, replacement = _fallback(shifts_um[good], level0_pixel_um, axes)
-    seen = _rotations_seen(
-        {n: estimates[n].rotation for n in names},
-        {names[i] for i in good},
-        roi_size_um,
-        level0_pixel_um,
+    seen = (
+        _rotations_seen(
+            {n: estimates[n].rotation for n in names},
+            {names[i] for i in good},
+            roi_size_um,
+            level0_pixel_um,
+        )
+        if transform == "translation"
+        else {}
     )
     results = []
     for i, (name, verdict) in enumerate(zip(names, verdicts)):
