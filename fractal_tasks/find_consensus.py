@@ -41,9 +41,10 @@ def find_consensus(
     intersection). Each image of the well gets `registered_roi_table`: for
     each ROI, the consensus window placed at that image's own position (the
     same size in every image, an exact multiple of the pixel size), the
-    input table's other columns kept; and `<registered_roi_table>_transform`,
-    the transform of each ROI (rotation in degrees about the ROI's centre,
-    centre and translation in µm), which Apply executes.
+    input table's other columns kept; and, where some ROI of the well is
+    rotated, `<registered_roi_table>_transform`, the transform of each ROI
+    (rotation in degrees about the ROI's centre, centre and translation in
+    µm), which Apply executes.
 
     Args:
         zarr_url: Path or url to the individual OME-Zarr image to be processed.
@@ -90,16 +91,17 @@ def find_consensus(
     backends = {url: table_backend(c, input_roi_table) for url, c in containers.items()}
     motions = stored_motions(containers, rois, zarr_url, input_roi_table)
     registered = registered_rois(rois, geometries, zarr_url, input_roi_table, motions)
+    # what Apply executes where a window is rotated; translations need no
+    # table (the windows say them), and a stale one must not stay behind
+    rotates = any(not m.is_translation for by in motions.values() for m in by.values())
+    transforms = transform_table_name(registered_roi_table)
     for url, container in containers.items():
         save_rois(container, url, registered_roi_table, registered[url], backends[url])
-        # what Apply executes: the transform of each window, rotation included
-        save_table(
-            container,
-            url,
-            transform_table_name(registered_roi_table),
-            transform_table(motions[url]),
-            backends[url],
-        )
+        if rotates:
+            table = transform_table(motions[url])
+            save_table(container, url, transforms, table, backends[url])
+        elif transforms in container.list_tables():
+            container.delete_table(transforms)
     logger.info(
         "Wrote %s (%d ROI(s)) into %d image(s).",
         registered_roi_table,

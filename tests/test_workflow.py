@@ -207,7 +207,6 @@ def test_tables_are_copied_from_the_right_image(make_plate):
     assert sorted(out.list_tables()) == [
         "FOV_ROI_table",
         "FOV_ROI_table_registered",
-        "FOV_ROI_table_registered_transform",
         "FOV_ROI_table_registration_quality",
         "nuclei_features",
         "well_ROI_table",
