@@ -41,7 +41,7 @@ def _pair(image: np.ndarray, angle: float, shift: tuple[float, float]):
     return reference, moving
 
 
-@pytest.mark.parametrize("kind", ["camera", "coins", "astronaut", "grass"])
+@pytest.mark.parametrize("kind", ["camera", "coins", "grass"])
 @pytest.mark.parametrize("angle", [0.0, 0.3, -4.5])
 def test_the_angle_of_crops_of_several_kinds(kind, angle):
     image = getattr(data, kind)()
@@ -207,7 +207,7 @@ def test_a_rotated_plate_through_the_three_tasks(rotated_plate):
 def test_a_rotated_3d_plate_through_the_three_tasks(make_plate):
     plate = make_plate(
         n_acquisitions=2,
-        fov_shape=(256, 320),
+        fov_shape=(192, 256),
         fovs=(1, 2),
         levels=2,
         n_z=4,

@@ -21,6 +21,7 @@ import numpy as np
 import scipy.fft
 import scipy.ndimage
 
+from fractal_tasks.geometry import chord
 from fractal_tasks.registration.shift import (
     Rule,
     _gauss_lowpass,
@@ -34,7 +35,9 @@ _BLOCK_SIZES = (64, 32)  # px: the largest that fits 4 times along both axes
 _BLOCK_SIGNIFICANCE = 8.0  # robust SD: a block's peak must stand out this much
 _BLOCK_SEARCH = 0.25  # a block's residual is looked for within this share of it
 _BIN_TO = 320  # px: a ROI's shorter side is binned down to at most this
-_SPARSE_ENOUGH_DEG = 0.01  # a first look this certain of no rotation ends it
+# a first look that sees no rotation, and whose uncertainty moves the ROI's
+# corners by at most this (px of the pixels measured), ends the search
+_SPARSE_ENOUGH_PX = 0.05
 _MIN_BLOCKS = 4  # fewer good blocks leave the angle unmeasured
 _OUTLIER_PX = 0.5  # a block this far from the fit (and 3 SD) is left out
 _ITERATIONS = 5
@@ -339,7 +342,12 @@ def estimate_rotation(
     # a first look on blocks side by side; where it sees a rotation, or is
     # unsure, the full search on half-overlapping blocks
     found = _iterate(ref, mov, start, size, overlap=1, iterations=1)
-    if found is None or found.significant or found.uncertainty_deg > _SPARSE_ENOUGH_DEG:
+    radius = math.hypot(*(n / 2 for n in ref.shape))
+    if (
+        found is None
+        or found.significant
+        or chord(radius, found.uncertainty_deg) > _SPARSE_ENOUGH_PX
+    ):
         found = _iterate(ref, mov, start, size, overlap=2, iterations=_ITERATIONS)
     if found is None:
         return unmeasured
