@@ -21,8 +21,9 @@ import numpy as np
 import scipy.fft
 import scipy.ndimage
 
-from fractal_tasks.geometry import chord
+from fractal_tasks.geometry import RigidTransform, chord
 from fractal_tasks.registration.shift import (
+    _WHITENING,
     Rule,
     _gauss_lowpass,
     _prepare,
@@ -31,6 +32,8 @@ from fractal_tasks.registration.shift import (
     _window,
 )
 
+# Chosen on the skimage sample images of tests/test_rotation.py and on the
+# synthetic plates; neither set of the corpus set any of them.
 _BLOCK_SIZES = (64, 32)  # px: the largest that fits 4 times along both axes
 _BLOCK_SIGNIFICANCE = 8.0  # robust SD: a block's peak must stand out this much
 _BLOCK_SEARCH = 0.25  # a block's residual is looked for within this share of it
@@ -42,7 +45,6 @@ _MIN_BLOCKS = 4  # fewer good blocks leave the angle unmeasured
 _OUTLIER_PX = 0.5  # a block this far from the fit (and 3 SD) is left out
 _ITERATIONS = 5
 _CONVERGED_DEG = 1e-3  # degrees: a smaller correction ends the iterations
-_WHITENING = 0.7
 _WINDOW_STEPS = 3  # sub-pixel estimates, each with the window moved along
 _PHASE_BAND = 0.125  # cycles/px: the phase fit's frequencies
 
@@ -95,13 +97,6 @@ class RotationEstimate:
         return self.measured and abs(self.angle_deg) >= 3 * self.uncertainty_deg
 
 
-def _rotation(angle_deg: float) -> np.ndarray:
-    """The matrix of :meth:`RigidTransform.matrix`, on (y, x) column vectors."""
-    t = math.radians(angle_deg)
-    c, s = math.cos(t), math.sin(t)
-    return np.array([[c, s], [-s, c]])
-
-
 def warp(
     moving: np.ndarray,
     angle_deg: float,
@@ -115,7 +110,7 @@ def warp(
     moving image at ``c + R^-1 (q - c - shift)``. Outside: 0.
     """
     centre = (np.asarray(moving.shape, float) - 1) / 2
-    inverse = _rotation(angle_deg).T
+    inverse = RigidTransform(angle_deg).matrix().T
     offset = centre - inverse @ (centre + np.asarray(shift, float))
     return scipy.ndimage.affine_transform(
         moving, inverse, offset=offset, order=order, mode="constant", cval=0.0
@@ -138,7 +133,7 @@ def _reads_inside(
 ) -> Callable[[int, int, int], bool]:
     """Whether a block of :func:`warp`'s output reads only inside the input."""
     centre = (np.asarray(shape, float) - 1) / 2
-    inverse = _rotation(angle_deg).T
+    inverse = RigidTransform(angle_deg).matrix().T
     last = np.subtract(shape, 2)
 
     def inside(y: int, x: int, n: int) -> bool:
@@ -425,5 +420,5 @@ def _from_blocks(
     step = math.degrees(float(params[2]))
     # the blocks show a further rigid move D after the warp: the angles add
     # up, the centre's shift goes through D
-    moved = _rotation(step) @ yx + params[:2]
+    moved = RigidTransform(step).matrix() @ yx + params[:2]
     return angle + step, moved, math.degrees(sigma), int(kept.sum())

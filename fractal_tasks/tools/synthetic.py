@@ -483,8 +483,7 @@ class _Sample:
         A rotation about the well's centre, then ``translation``: the
         geometry's ``RigidTransform`` convention (continuous coordinates).
         """
-        t = math.radians(self.rotation(a))
-        matrix = np.array([[math.cos(t), math.sin(t)], [-math.sin(t), math.cos(t)]])
+        matrix = RigidTransform(self.rotation(a)).matrix()
         centre = np.array(self.spec.well_shape) / 2
 
         def move(points: np.ndarray) -> np.ndarray:
@@ -504,8 +503,7 @@ class _Sample:
         fov_t = np.array(self.truth[(a, name)][1:])
         centre = self.fov_centre(name)
         # the FOV moves as the well does: about its own centre, by its truth
-        t = math.radians(self.rotation(a))
-        matrix = np.array([[math.cos(t), math.sin(t)], [-math.sin(t), math.cos(t)]])
+        matrix = RigidTransform(self.rotation(a)).matrix()
         grid = np.stack(
             np.meshgrid(
                 oy + np.arange(fy) + 0.5, ox + np.arange(fx) + 0.5, indexing="ij"
