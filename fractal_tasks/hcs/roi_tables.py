@@ -257,6 +257,25 @@ def transform_table(transforms: Mapping[str, RigidTransform]) -> ConditionTable:
     return ConditionTable(frame)
 
 
+def motion_in_pixels(
+    motion: RigidTransform, pixel_um: Mapping[str, float], what: str
+) -> RigidTransform:
+    """A stored transform (µm) in the pixels of a grid.
+
+    Raises:
+        RegistrationInputError: For a rotation on pixels that are not square
+            in (y, x), naming ``what`` (the ROI and its image).
+    """
+    try:
+        return motion.in_pixels(pixel_um)
+    except ValueError as error:
+        raise RegistrationInputError(
+            f"{what} is rotated by {motion.rotation_deg:.3f}°, but {error}. "
+            "Resample the images to square pixels, or register with "
+            'transform="translation".'
+        ) from error
+
+
 def load_transforms(
     container: OmeZarrContainer, registered_roi_table: str
 ) -> dict[str, RigidTransform] | None:

@@ -36,6 +36,7 @@ from fractal_tasks.geometry import (
 )
 from fractal_tasks.hcs.errors import RegistrationInputError
 from fractal_tasks.hcs.roi_tables import (
+    ROTATION_COLUMN,
     by_name,
     quality_table_name,
     slices_um,
@@ -116,7 +117,7 @@ QUALITY_COLUMNS = {
     "saturated": "share (0..1) of the overlap where either image is at its "
     f"maximum value (clipped); {SATURATED.needed} is needed",
     "level_path": "the level the ROI was read at",
-    "rotation_deg": "the rotation about the ROI's centre that the stored "
+    ROTATION_COLUMN: "the rotation about the ROI's centre that the stored "
     'transform applies (0 under `transform="translation"`, and where it '
     f"would move no point by {MOVES_NO_PIXEL:g} px); positive turns x towards "
     "y, clockwise on screen",
@@ -184,7 +185,7 @@ class RoiRegistration:
             "offset_check": e.offset_check,
             "saturated": e.saturated,
             "level_path": self.roi_estimate.level_path,
-            "rotation_deg": self.transform.rotation_deg,
+            ROTATION_COLUMN: self.transform.rotation_deg,
             "measured_rotation_deg": self.roi_estimate.rotation.angle_deg,
             "rotation_uncertainty_deg": self.roi_estimate.rotation.uncertainty_deg,
             "residual_px": self.residual_px,

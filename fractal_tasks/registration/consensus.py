@@ -21,7 +21,11 @@ from fractal_tasks.geometry import (
     same_pixel_size,
 )
 from fractal_tasks.hcs.errors import RegistrationInputError
-from fractal_tasks.hcs.roi_tables import slices_um, stored_transforms
+from fractal_tasks.hcs.roi_tables import (
+    motion_in_pixels,
+    slices_um,
+    stored_transforms,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,19 +65,6 @@ def stored_motions(
             "'Calculate Registration (image-based)' on these acquisitions."
         )
     return out
-
-
-def _in_pixels(
-    motion: RigidTransform, pixel_um: Mapping[str, float], url: str, name: str
-) -> RigidTransform:
-    try:
-        return motion.in_pixels(pixel_um)
-    except ValueError as error:
-        raise RegistrationInputError(
-            f"ROI {name!r} of {url!r} is rotated by {motion.rotation_deg:.3f}°, "
-            f"but {error}. Resample the images to square pixels, or register "
-            'with transform="translation".'
-        ) from error
 
 
 def registered_rois(
@@ -128,7 +119,10 @@ def registered_rois(
                     f"{url!r}. Fix the ROI table."
                 )
             boxes[url] = box
-        moves = {u: _in_pixels(motions[u][name], pixel_um, u, name) for u in rois}
+        moves = {
+            u: motion_in_pixels(motions[u][name], pixel_um, f"ROI {name!r} of {u!r}")
+            for u in rois
+        }
         windows = consensus_windows(boxes, moves)
         if windows[reference_url].is_empty:
             shown = {

@@ -42,6 +42,7 @@ from scipy import ndimage
 from fractal_tasks.geometry import SPATIAL_AXES, RigidTransform, roi_box
 from fractal_tasks.hcs.errors import RegistrationInputError
 from fractal_tasks.hcs.roi_tables import (
+    ROTATION_COLUMN,
     by_name,
     load_rois,
     require_same_names,
@@ -363,7 +364,7 @@ def _make_panel(
     reference, moving = _as_zyx(ref_pixels), _as_zyx(acq_pixels)
     shift_px = {a: shift_um.get(a, 0.0) / pixel_um[a] for a in pixel_um}
     vector = [shift_px.get(a, 0.0) for a in SPATIAL_AXES]
-    angle = _number(quality.get("rotation_deg"))
+    angle = _number(quality.get(ROTATION_COLUMN))
     angle = angle if math.isfinite(angle) else 0.0
     # output[q] = input[q - shift]: acquisition pixel p shows reference p + t.
     if angle:  # the stored rotation about the FOV's centre, then the shift

@@ -456,9 +456,8 @@ class _Sample:
                 # a subpixel shift keeps a clear fractional part
                 t = np.round(t * 8) / 8.0 if spec.subpixel else np.round(t)
                 if self.rotation(a):  # the FOV's centre moves with the well
-                    t = self.well_motion(a, t)(self.fov_centre(name)) - self.fov_centre(
-                        name
-                    )
+                    centre = self.fov_centre(name)
+                    t = self.well_motion(a, t).apply_yx(centre) - centre
                 out[(a, name)] = (
                     float(round(base_z + jit_z)),
                     float(t[0]),
@@ -477,19 +476,15 @@ class _Sample:
         fy, fx = self.spec.fov_shape
         return np.array([oy + fy / 2, ox + fx / 2])
 
-    def well_motion(self, a: int, translation: np.ndarray):
+    def well_motion(self, a: int, translation: np.ndarray) -> RigidTransform:
         """Where acquisition ``a``'s points (y, x) lie in the reference.
 
-        A rotation about the well's centre, then ``translation``: the
-        geometry's ``RigidTransform`` convention (continuous coordinates).
+        A rotation about the well's centre, then ``translation`` (continuous
+        level-0 px).
         """
-        matrix = RigidTransform(self.rotation(a)).matrix()
-        centre = np.array(self.spec.well_shape) / 2
-
-        def move(points: np.ndarray) -> np.ndarray:
-            return (np.asarray(points) - centre) @ matrix.T + centre + translation
-
-        return move
+        centre = dict(zip("yx", np.array(self.spec.well_shape) / 2))
+        shift = dict(zip("yx", map(float, translation)))
+        return RigidTransform(self.rotation(a), centre, shift)
 
     def _rotated(self, a, fov_index, name, render, order):
         """A FOV of a rotated acquisition, as a function of the plane.
@@ -503,14 +498,16 @@ class _Sample:
         fov_t = np.array(self.truth[(a, name)][1:])
         centre = self.fov_centre(name)
         # the FOV moves as the well does: about its own centre, by its truth
-        matrix = RigidTransform(self.rotation(a)).matrix()
+        motion = RigidTransform(
+            self.rotation(a), dict(zip("yx", centre)), dict(zip("yx", fov_t))
+        )
         grid = np.stack(
             np.meshgrid(
                 oy + np.arange(fy) + 0.5, ox + np.arange(fx) + 0.5, indexing="ij"
             ),
             axis=-1,
         )
-        points = (grid - centre) @ matrix.T + centre + fov_t - 0.5
+        points = motion.apply_yx(grid) - 0.5
         y0 = int(math.floor(points[..., 0].min())) - 4
         x0 = int(math.floor(points[..., 1].min())) - 4
         h = int(math.ceil(points[..., 0].max())) + 5 - y0

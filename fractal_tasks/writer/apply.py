@@ -41,6 +41,7 @@ from fractal_tasks.hcs.images import label_names, open_image, open_label_levels
 from fractal_tasks.hcs.roi_tables import (
     load_paired_rois,
     load_transforms,
+    motion_in_pixels,
     slices_um,
     spatial_geometry,
     transform_table_name,
@@ -148,14 +149,9 @@ def _pairs(
         if motion is None or motion.is_translation:
             pairs.append(WindowPair(source, target))
             continue
-        try:
-            in_pixels = motion.in_pixels(geometry.pixel_um)
-        except ValueError as error:
-            raise RegistrationInputError(
-                f"ROI {name!r} of {what} is rotated, but {error}. Resample the "
-                "images to square pixels, or register with "
-                'transform="translation".'
-            ) from error
+        in_pixels = motion_in_pixels(
+            motion, geometry.pixel_um, f"ROI {name!r} of {what}"
+        )
         pairs.append(WindowPair(source, target, in_pixels))
     return pairs
 
