@@ -141,6 +141,7 @@ def ours_group(cases: list[corpus.Case], repeats: int) -> list[dict]:
                     paths,
                     # sized without making the level, as LevelPair.pixels does
                     pixels=lambda path, c=c: int(c.reference.size / LEVELS[path] ** 2),
+                    level0_px=LEVELS.__getitem__,
                 )
                 # the translation model measures the rotation too, as the task
                 rotations[name] = estimate_rotation(
@@ -193,6 +194,7 @@ def ours_group(cases: list[corpus.Case], repeats: int) -> list[dict]:
             final = np.array([r.translation_um[a] for a in axes])
             evidence = (
                 f"peak {e.peak_significance:.1f}, ridge {e.peak_elongation:.1f}, "
+                f"uncertainty {e.uncertainty_px:.2f} px, "
                 f"offset {e.offset_check:.2f}, "
                 f"ncc {e.ncc_before:.2f}->{e.ncc_after:.2f}"
             )
@@ -203,6 +205,7 @@ def ours_group(cases: list[corpus.Case], repeats: int) -> list[dict]:
                     status=str(r.status.value),
                     note=r.note,
                     evidence=evidence,
+                    uncertainty=e.uncertainty_px,
                     seconds=seconds[name],
                 )
             )
@@ -369,6 +372,7 @@ def run(cases: list[corpus.Case], repeats: int) -> list[dict]:
                     status=o["status"],
                     status_note=o["note"],
                     evidence=o.get("evidence", ""),
+                    uncertainty=o.get("uncertainty", float("nan")),
                     plain=p.tolist(),
                     ftc=f.tolist(),
                     err_ours=err(o["raw"]),
@@ -402,6 +406,7 @@ def summarise(rows: list[dict]) -> dict:
             row[f"{m}_median"] = float(np.median(e))
             row[f"{m}_max"] = float(np.max(e))
         row["ours_final_max"] = float(max(r["err_ours_final"] for r in sel))
+        row["uncertainty_max"] = float(np.nanmax([r["uncertainty"] for r in sel]))
         row["ours_gt_0.5"] = sum(r["err_ours"] > 0.5 for r in sel)
         row["ours_worse_than_plain"] = sum(
             r["err_ours"] > r["err_plain"] + 0.05 for r in sel
@@ -442,10 +447,19 @@ def summarise(rows: list[dict]) -> dict:
         for r in good
         if r["err_ours"] > r["err_plain"] + 0.05
     ]
+    ok = [r for r in rows if r["status"] == "ok"]
+    worst = max(ok, key=lambda r: r["err_ours_final"], default=None)
+    worst_ok = (
+        f"{worst['plate']} acq {worst['acquisition']} FOV {worst['fov']}: "
+        f"{_f(worst['err_ours_final'])} px ({worst['evidence']})"
+        if worst
+        else "(none)"
+    )
     return dict(
         n_cases=len(rows),
         n_good=len(good),
         per_kind=per_kind,
+        worst_ok=worst_ok,
         confusion=confusion,
         faults=faults,
         violations=violations,
@@ -456,7 +470,7 @@ def summarise(rows: list[dict]) -> dict:
 KIND_HEADERS = [
     "kind", "dim", "n good",
     "ours med", "ours max", "plain med", "plain max", "ftc med", "ftc max",
-    "ours final max", "ours >0.5", "ours worse", "ok/good",
+    "ours final max", "ours >0.5", "ours worse", "ok/good", "unc max",
     "ms ours", "ms plain", "ms ftc",
 ]  # fmt: skip
 
@@ -472,6 +486,7 @@ def kind_rows(summary: dict) -> list[list]:
                 _f(k["ftc_median"]), _f(k["ftc_max"]),
                 _f(k["ours_final_max"]), k["ours_gt_0.5"],
                 k["ours_worse_than_plain"], f"{k['ok']}/{k['n_good']}",
+                _f(k["uncertainty_max"]),
                 f"{k['ms_ours']:.1f}", f"{k['ms_plain']:.1f}", f"{k['ms_ftc']:.1f}",
             ]
         )  # fmt: skip
@@ -566,7 +581,7 @@ def main(argv=None) -> int:
 
     per_set(
         "Error vs truth (level-0 px, Euclidean) over FOVs expected good, level 2",
-        lambda k: fmt_table(KIND_HEADERS, kind_rows(summary[k]), "ll" + "r" * 14),
+        lambda k: fmt_table(KIND_HEADERS, kind_rows(summary[k]), "ll" + "r" * 15),
     )
     per_set(
         "Verdicts of ours (rows: expected; columns: status)",
@@ -584,6 +599,7 @@ def main(argv=None) -> int:
         print(f"Good FOVs, ours worse than plain by > 0.05 px [{k}] ({len(w)}):")
         for line in w:
             print("  " + line)
+        print(f"Worst ok FOV [{k}] (error after judging): {sm['worst_ok']}")
         print()
     costs = {
         k: cost_rows([i for i in images if set_name(i.held_out) == k], repeats)
@@ -650,6 +666,7 @@ def main(argv=None) -> int:
             ),
         ),
         *md_per_set("Violations", lambda k: _md_list(summary[k]["violations"])),
+        *md_per_set("Worst ok FOV", lambda k: summary[k]["worst_ok"]),
         *md_per_set(
             "Ours worse than plain by > 0.05 px",
             lambda k: _md_list(summary[k]["worse_than_plain"]),

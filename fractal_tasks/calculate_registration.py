@@ -91,9 +91,11 @@ def calculate_registration(
     `ncc_after` (normalized cross-correlation, -1 to 1, of the prepared
     registration channel without and with the shift), `peak_significance`
     (the correlation peak in robust standard deviations of the surface's
-    fine band; at least 10), `peak_elongation` (at most 2.5), `offset_check`
-    (at most 0.5), `saturated` (share of the overlap at the image's maximum
-    value, 0 to 1; at most 0.5), the `level_path` the ROI was estimated at,
+    fine band), `peak_elongation`, `uncertainty_px` (how far the match slides
+    along the direction the content fixes least, level-0 px) and
+    `uncertainty_direction_deg`, `offset_check`, `saturated` (share of the
+    overlap at the image's maximum value, 0 to 1), the `level_path` the ROI
+    was estimated at,
     and the rotation: `rotation_deg` (what the stored transform applies),
     `measured_rotation_deg`, `rotation_uncertainty_deg` and `residual_px`
     (what the stored transform leaves at the ROI's corners, level-0 px).
@@ -195,8 +197,8 @@ def calculate_registration(
         t = result.translation_um
         logger.info(
             "ROI %s: translation (z, y, x) = (%.3f, %.3f, %.3f) µm, rotation "
-            "%.3f° (measured %.3f°), NCC %.3f -> %.3f, peak %.1f, elongation "
-            "%.1f, offset check %.2f, %s.",
+            "%.3f° (measured %.3f°), NCC %.3f -> %.3f, peak %.1f, uncertainty "
+            "%.2f px along %.0f°, offset check %.2f, %s.",
             result.name,
             t.get("z", 0.0),
             t["y"],
@@ -206,7 +208,8 @@ def calculate_registration(
             result.roi_estimate.estimate.ncc_before,
             result.roi_estimate.estimate.ncc_after,
             result.roi_estimate.estimate.peak_significance,
-            result.roi_estimate.estimate.peak_elongation,
+            result.roi_estimate.estimate.uncertainty_px,
+            result.roi_estimate.estimate.uncertainty_direction_deg,
             result.roi_estimate.estimate.offset_check,
             result.status.value,
         )

@@ -375,7 +375,13 @@ def test_each_check_names_its_reason() -> None:
     cases = [
         (_evidence(), ""),
         (_evidence(peak_significance=5.0), "no significant correlation peak (5.0"),
-        (_evidence(peak_elongation=4.5), "the correlation peak is a ridge"),
+        (_evidence(peak_elongation=4.5), ""),  # a ridge alone is not a verdict
+        (
+            _evidence(uncertainty_px=0.8, uncertainty_direction_deg=45.0),
+            "the content does not fix the shift along 45° (from x towards y): "
+            "there the match slides 0.80 level-0 px",
+        ),
+        (_evidence(uncertainty_px=0.5), ""),
         (_evidence(offset_check=0.8), "the match does not move with the content"),
         (_evidence(ncc_before=0.12, ncc_after=0.05), "no gain in correlation"),
         (_evidence(ncc_before=0.04, ncc_after=0.05), "weak correlation after"),

@@ -54,9 +54,9 @@ from fractal_tasks.registration.shift import (
     NCC_AFTER,
     NCC_GAIN,
     OFFSET_CHECK,
-    PEAK_ELONGATION,
     PEAK_SIGNIFICANCE,
     SATURATED,
+    UNCERTAINTY,
     RegistrationMethod,
     RegistrationStatus,
     ShiftEstimate,
@@ -108,8 +108,15 @@ QUALITY_COLUMNS = {
     "deviations of the fine band of the correlation surface; "
     f"{PEAK_SIGNIFICANCE.needed} is needed",
     "peak_elongation": "ratio of the peak's widths along its principal directions "
-    "in y/x (about 1: round; a ridge means an edge that fixes the shift across "
-    f"it, not along it); {PEAK_ELONGATION.needed} is needed",
+    "in y/x (about 1: round; a ridge: an edge that fixes the shift across it, "
+    f"not along it); not a verdict: above {CONFIRM_FINER.limit:g} the ROI is "
+    "confirmed at the finer levels",
+    "uncertainty_px": "how far the match slides (level-0 px) along the direction "
+    "the content fixes least, when one image's frame moves that way by a few "
+    f"pixels (about 0: fixed; an edge or a rim lets it slide); {UNCERTAINTY.needed} "
+    "is needed",
+    "uncertainty_direction_deg": "that direction, degrees from the x axis towards "
+    "y (0..180)",
     "offset_check": "where the match lands on crops offset by a known step, as a "
     "fraction of that step from where moving content puts it (0: moved with the "
     f"content; about 1: stayed with the image frame); {OFFSET_CHECK.needed} is "
@@ -182,6 +189,8 @@ class RoiRegistration:
             "ncc_after": e.ncc_after,
             "peak_significance": e.peak_significance,
             "peak_elongation": e.peak_elongation,
+            "uncertainty_px": e.uncertainty_px,
+            "uncertainty_direction_deg": e.uncertainty_direction_deg,
             "offset_check": e.offset_check,
             "saturated": e.saturated,
             "level_path": self.roi_estimate.level_path,
@@ -328,6 +337,7 @@ def estimate_with_retry(
     paths: Sequence[str],
     *,
     pixels: Callable[[str], int],
+    level0_px: Callable[[str], float] | None = None,
     max_pixels: int = RETRY_MAX_PX,
     first: ShiftEstimate | None = None,
     **options: Any,
@@ -352,6 +362,8 @@ def estimate_with_retry(
         paths: Level paths, coarse to fine, starting at the ROI's level.
         pixels: Pixels (voxels in 3D) of the ROI per image at a level path,
             without reading them.
+        level0_px: The size of a pixel of a level path in level-0 pixels
+            (see :func:`estimate_shift`); None: 1 at every level.
         max_pixels: Largest ROI read at a finer level (see ``RETRY_MAX_PX``);
             the ROI's own level ``paths[0]`` is always read.
         first: The estimate at ``paths[0]`` when already made.
@@ -360,15 +372,20 @@ def estimate_with_retry(
     Returns:
         The estimate kept and the path of its level.
     """
+
+    def estimate(path: str) -> ShiftEstimate:
+        scale = 1.0 if level0_px is None else level0_px(path)
+        return estimate_shift(*read_pair(path), level0_px=scale, **options)
+
     if first is None:
-        first = estimate_shift(*read_pair(paths[0]), **options)
+        first = estimate(paths[0])
     kept = (first, paths[0])
     if judge_estimate(first).good and CONFIRM_FINER.holds(first.peak_elongation):
         return kept
     for path in paths[1:]:
         if pixels(path) > max_pixels:
             break  # finer levels are larger still
-        finer = estimate_shift(*read_pair(path), **options)
+        finer = estimate(path)
         if judge_estimate(finer).good:
             kept = (finer, path)  # finer and passing: the better
             if CONFIRM_FINER.holds(finer.peak_elongation):
@@ -482,6 +499,10 @@ def estimate_rois(
     }
     unit_um = level0_pixel_um or geometry.pixel_um
 
+    def level0_px(path: str) -> float:
+        pixel_um = level(path).geometries[0].pixel_um
+        return max(pixel_um[a] / unit_um[a] for a in ("y", "x"))
+
     def size_um(rois: tuple[Roi, Roi], path: str) -> dict[str, float]:
         pair = level(path)
         box = crop_to_common(*pair.boxes(rois))[0]
@@ -503,7 +524,8 @@ def estimate_rois(
     def measure(name: str) -> tuple[ShiftEstimate, RotationEstimate]:
         """The shift and rotation at the ROI's own level, as read."""
         pixels = reader(name)(chosen[name])
-        first = estimate_shift(*pixels, method=method, **options)
+        scale = level0_px(chosen[name])
+        first = estimate_shift(*pixels, method=method, level0_px=scale, **options)
         return first, estimate_rotation(*pixels, first.shift, **options)
 
     measured: dict[str, tuple[ShiftEstimate, RotationEstimate]] = {}
@@ -537,6 +559,7 @@ def estimate_rois(
             read,
             paths,
             pixels=lambda path: level(path).pixels(pairs[name]),
+            level0_px=level0_px,
             first=first,
             method=method,
             **options,
