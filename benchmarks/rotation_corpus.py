@@ -103,8 +103,10 @@ def main() -> None:
     images = load_corpus(log=lambda _: None)
     rows: dict[tuple, list] = defaultdict(list)
     radius = math.hypot(*(n / 2 for n in CROP))
+    # the fresh images last: the others keep the seeds they had before them
+    images = [im for im in images if not im.fresh] + [im for im in images if im.fresh]
     for i, img in enumerate(images):
-        group = "held-out" if img.held_out else "calibration"
+        group = "fresh" if img.fresh else "held-out" if img.held_out else "calibration"
         for angle in args.angles:
             rng = np.random.default_rng(1000 * i + int(angle * 100))
             for ref, mov, shift in _cases(img, angle, rng):
