@@ -88,11 +88,10 @@ def apply_registration_to_image(
 
 
 if __name__ == "__main__":
-    from fractal_task_tools.task_wrapper import run_fractal_task
-
+    from fractal_tasks.executable import run_as_executable
     from fractal_tasks.writer.memory import return_freed_memory
 
     # Process-wide allocator tuning: only here, where the process is the task's
     # own (Fractal starts one per image), never when the function is called.
     return_freed_memory()
-    run_fractal_task(task_function=apply_registration_to_image)
+    run_as_executable(apply_registration_to_image)

@@ -240,6 +240,6 @@ def calculate_registration(
 
 
 if __name__ == "__main__":
-    from fractal_task_tools.task_wrapper import run_fractal_task
+    from fractal_tasks.executable import run_as_executable
 
-    run_fractal_task(task_function=calculate_registration)
+    run_as_executable(calculate_registration)

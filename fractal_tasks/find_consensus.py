@@ -111,6 +111,6 @@ def find_consensus(
 
 
 if __name__ == "__main__":
-    from fractal_task_tools.task_wrapper import run_fractal_task
+    from fractal_tasks.executable import run_as_executable
 
-    run_fractal_task(task_function=find_consensus)
+    run_as_executable(find_consensus)

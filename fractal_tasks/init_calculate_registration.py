@@ -50,6 +50,6 @@ def init_calculate_registration(
 
 
 if __name__ == "__main__":
-    from fractal_task_tools.task_wrapper import run_fractal_task
+    from fractal_tasks.executable import run_as_executable
 
-    run_fractal_task(task_function=init_calculate_registration)
+    run_as_executable(init_calculate_registration)

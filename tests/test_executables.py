@@ -21,6 +21,20 @@ def test_workflow_through_the_executables(make_plate, tmp_path):
     # the applies run in parallel: the well lists them in completion order
     paths = open_ome_zarr_well(plate.plate_url + "/B/03").paths()
     assert sorted(paths) == ["0", "0_registered", "1", "1_registered"]
+    # each process ends at once after a success: its log is whole all the same
+    logs = sorted((tmp_path / "logs").glob("*.log"))
+    tasks = {log.name.rsplit("-", 1)[0] for log in logs}
+    assert tasks == {
+        "init_calculate_registration",
+        "calculate_registration",
+        "init_find_consensus",
+        "find_consensus",
+        "apply_registration_to_image",
+    }
+    for log in logs:
+        task = log.name.rsplit("-", 1)[0]
+        text = log.read_text()
+        assert f"START {task} task" in text and f"END {task} task" in text, log
 
 
 def test_failing_executable_reports_the_clear_error(make_plate, tmp_path):
