@@ -436,7 +436,8 @@ def estimate_rois(
             its evidence are estimated with the rotation undone, at every
             level read, and what is left of the rotation is measured again.
         level0_pixel_um: Pixel size of level 0 (default: that of
-            ``level_path``), the unit of ``MOVES_NO_PIXEL``.
+            ``level_path``), the unit of ``MOVES_NO_PIXEL`` and of each
+            estimate's ``uncertainty_px``.
 
     Raises:
         RegistrationInputError: For a missing level or channel, pixel sizes
