@@ -61,13 +61,14 @@ PYTHON = sys.executable
 PACKAGE = Path(__file__).resolve().parents[1] / "fractal_tasks"
 WRAPPER = "fractal_task_tools.task_wrapper"
 TABLE = "FOV_ROI_table"
-# in workflow order: (executable, module, the image it runs on)
+# in workflow order: each task module (its executable is <module>.py, its
+# function <module>) and the kind of its arguments
 STEPS = (
-    ("init_calculate_registration.py", "init_calculate_registration", "init"),
-    ("calculate_registration.py", "calculate_registration", "compute"),
-    ("init_find_consensus.py", "init_find_consensus", "init"),
-    ("find_consensus.py", "find_consensus", "compute"),
-    ("apply_registration_to_image.py", "apply_registration_to_image", "apply"),
+    ("init_calculate_registration", "init"),
+    ("calculate_registration", "compute"),
+    ("init_find_consensus", "init"),
+    ("find_consensus", "compute"),
+    ("apply_registration_to_image", "apply"),
 )
 # an executable of ours, as Fractal runs it, that times its own parts: the
 # imports, and the wrapper's run of the task; "idle" is a task that does
@@ -93,7 +94,7 @@ def idle(zarr_url: str) -> None:
 # top-level packages ran any function
 _USED_PACKAGES = """
 import json, sys
-from fractal_tasks import {module} as task
+from fractal_tasks.{module} import {module} as task
 kwargs = json.loads(sys.argv[1])
 ran = set()
 def hook(frame, event, arg):
@@ -102,7 +103,7 @@ def hook(frame, event, arg):
     elif event == "c_call":
         ran.add((getattr(arg, "__module__", None) or "").partition(".")[0])
 sys.setprofile(hook)
-getattr(task, "{function}")(**kwargs)
+task(**kwargs)
 sys.setprofile(None)
 loaded = sorted({{m.partition(".")[0] for m in sys.modules}})
 print(json.dumps({{"ran": sorted(ran - {{""}}), "loaded": loaded}}))
@@ -215,7 +216,8 @@ def measure(repeats: int, workdir: Path) -> tuple[list[dict], dict]:
     idle_args = {"zarr_url": plate.images[1].zarr_url}
     wrapper = _timed(_IDLE, "idle", idle_args, workdir, repeats)["run"]
     rows, plan = [], None
-    for executable, module, step in STEPS:
+    for module, step in STEPS:
+        executable = f"{module}.py"
         args = _task_args(module, step, plate, plan)
         importing = f"from fractal_tasks.{module} import {module}"
         timed = _timed(importing, module, args, workdir, repeats, PACKAGE / executable)
@@ -223,8 +225,7 @@ def measure(repeats: int, workdir: Path) -> tuple[list[dict], dict]:
             plan = json.loads((workdir / f"{module}.out.json").read_text())
         packages = import_times(f"fractal_tasks.{module}")
         used = subprocess.run(
-            [PYTHON, "-c", _USED_PACKAGES.format(module=module, function=module),
-             json.dumps(args)],
+            [PYTHON, "-c", _USED_PACKAGES.format(module=module), json.dumps(args)],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         report = json.loads(used.stdout.strip().splitlines()[-1])
