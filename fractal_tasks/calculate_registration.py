@@ -3,6 +3,7 @@
 import logging
 from typing import Annotated
 
+from ngio import OmeZarrContainer, Roi
 from pydantic import Field, validate_call
 
 from fractal_tasks.hcs.cpus import available_cpus
@@ -10,7 +11,9 @@ from fractal_tasks.hcs.errors import RegistrationInputError
 from fractal_tasks.hcs.images import open_image
 from fractal_tasks.hcs.models import InitArgsRegistration
 from fractal_tasks.hcs.roi_tables import (
-    load_paired_rois,
+    by_name,
+    load_rois,
+    load_rois_like,
     quality_table_name,
     roi_centre_um,
     save_rois,
@@ -21,6 +24,8 @@ from fractal_tasks.hcs.roi_tables import (
     without_columns,
 )
 from fractal_tasks.registration.calculate import (
+    ReferenceReads,
+    RoiRegistration,
     TransformModel,
     estimate_rois,
     judge,
@@ -105,7 +110,10 @@ def calculate_registration(
             (standard argument for Fractal tasks, managed by Fractal server).
         init_args: Initialization arguments provided by
             `init_calculate_registration`: the `reference_zarr_url` of the
-            reference acquisition's image in the same well.
+            reference acquisition's image in the same well, and
+            `other_zarr_urls`, further images registered onto it in the same
+            call (all are estimated before any table is written, and each
+            reference ROI is read once).
             (standard argument for Fractal tasks, managed by Fractal server).
         wavelength_id: Channel used for registration, by wavelength id (e.g.
             `A01_C01` for Yokogawa, `C01` for MD) or by channel label (e.g.
@@ -151,48 +159,61 @@ def calculate_registration(
             f"upper_rescale_quantile ({upper_rescale_quantile})."
         )
     reference_url = init_args.reference_zarr_url
-    logger.info(
-        "Registering %s onto %s per ROI of %s, channel %s, level %s, method %s.",
-        zarr_url,
-        reference_url,
-        input_roi_table,
-        wavelength_id,
-        level_path,
-        method.value,
-    )
     reference = open_image(reference_url)
-    acquisition = open_image(zarr_url)
-    reference_rois, acquisition_rois = load_paired_rois(
-        reference, acquisition, input_roi_table, reference_url, zarr_url
-    )
-    backend = table_backend(acquisition, input_roi_table)
-    level0_pixel_um, _ = spatial_geometry(acquisition.get_image())
-    estimates = estimate_rois(
-        reference,
-        acquisition,
-        reference_rois,
-        acquisition_rois,
-        urls=(reference_url, zarr_url),
-        channels=(reference_wavelength_id or wavelength_id, wavelength_id),
-        level_path=level_path,
-        method=method,
-        quantiles=(lower_rescale_quantile, upper_rescale_quantile),
-        workers=available_cpus(),
-        transform=transform,
-        level0_pixel_um=level0_pixel_um,
-    )
-    pixel_um, _ = spatial_geometry(acquisition.get_image(path=level_path))
-    results = judge(
-        estimates,
-        pixel_um,
-        level0_pixel_um,
-        roi_sizes(reference_rois.values()),
-        max_shift=max_shift,
-        keep_zero_if_all_failed=keep_zero_if_all_failed,
-        zarr_url=zarr_url,
-        transform=transform,
-        roi_centre_um={n: roi_centre_um(r) for n, r in acquisition_rois.items()},
-    )
+    reference_rois = by_name(load_rois(reference, input_roi_table, reference_url))
+    reference_reads = ReferenceReads()
+    # every acquisition is estimated before any is written: bad input in one
+    # leaves all of them as they were
+    registered = []
+    for url in dict.fromkeys([zarr_url, *init_args.other_zarr_urls]):
+        logger.info(
+            "Registering %s onto %s per ROI of %s, channel %s, level %s, method %s.",
+            url,
+            reference_url,
+            input_roi_table,
+            wavelength_id,
+            level_path,
+            method.value,
+        )
+        acquisition = open_image(url)
+        acquisition_rois = load_rois_like(
+            reference_rois, acquisition, input_roi_table, reference_url, url
+        )
+        level0_pixel_um, _ = spatial_geometry(acquisition.get_image())
+        estimates = estimate_rois(
+            reference,
+            acquisition,
+            reference_rois,
+            acquisition_rois,
+            urls=(reference_url, url),
+            channels=(reference_wavelength_id or wavelength_id, wavelength_id),
+            level_path=level_path,
+            method=method,
+            quantiles=(lower_rescale_quantile, upper_rescale_quantile),
+            workers=available_cpus(),
+            transform=transform,
+            level0_pixel_um=level0_pixel_um,
+            reference_reads=reference_reads,
+        )
+        pixel_um, _ = spatial_geometry(acquisition.get_image(path=level_path))
+        results = judge(
+            estimates,
+            pixel_um,
+            level0_pixel_um,
+            roi_sizes(reference_rois.values()),
+            max_shift=max_shift,
+            keep_zero_if_all_failed=keep_zero_if_all_failed,
+            zarr_url=url,
+            transform=transform,
+            roi_centre_um={n: roi_centre_um(r) for n, r in acquisition_rois.items()},
+        )
+        _log_results(results)
+        registered.append((url, acquisition, acquisition_rois, results))
+    for url, acquisition, acquisition_rois, results in registered:
+        _store(url, acquisition, acquisition_rois, results, input_roi_table)
+
+
+def _log_results(results: list[RoiRegistration]) -> None:
     for result in results:
         t = result.translation_um
         logger.info(
@@ -213,6 +234,17 @@ def calculate_registration(
             result.roi_estimate.estimate.offset_check,
             result.status.value,
         )
+
+
+def _store(
+    zarr_url: str,
+    acquisition: OmeZarrContainer,
+    acquisition_rois: dict[str, Roi],
+    results: list[RoiRegistration],
+    input_roi_table: str,
+) -> None:
+    """Write the translations into the ROI table and the verdicts beside it."""
+    backend = table_backend(acquisition, input_roi_table)
     # the verdicts live in their own table; earlier versions of this package wrote
     # them as registration_* columns of the ROI table, which ngio warns about
     updated = [

@@ -24,6 +24,9 @@ def init_calculate_registration(
     well holds several images of one acquisition (e.g. `0` and `0_illum_corr`),
     each pairs with the reference image of the same suffix. Reference images
     themselves are not listed: their translation is zero by definition.
+    All the images that pair with one reference form one item, registered
+    in one process that reads the reference once: a task process costs
+    about 2 s of start-up, paid once per well instead of once per cycle.
 
     Args:
         zarr_urls: List of paths or urls to the individual OME-Zarr image to
@@ -36,16 +39,27 @@ def init_calculate_registration(
             other acquisition is registered onto. Every well must have it.
 
     Returns:
-        The parallelization list: one item per non-reference image, with
-        `init_args.reference_zarr_url`.
+        The parallelization list: one item per reference image, for the
+        first image that pairs with it, with `init_args.reference_zarr_url`
+        and the others in `init_args.other_zarr_urls`.
     """
     plans = plan_wells(zarr_urls, reference_acquisition)
+    groups: dict[str, list[str]] = {}
+    for plan in plans:
+        for url, reference in plan.pairs.items():
+            groups.setdefault(reference, []).append(url)
     items = [
-        {"zarr_url": url, "init_args": {"reference_zarr_url": reference}}
-        for plan in plans
-        for url, reference in plan.pairs.items()
+        {
+            "zarr_url": urls[0],
+            "init_args": {"reference_zarr_url": reference, "other_zarr_urls": urls[1:]},
+        }
+        for reference, urls in groups.items()
     ]
-    logger.info("%d image(s) to register in %d well(s).", len(items), len(plans))
+    logger.info(
+        "%d image(s) to register in %d well(s), one task per reference image.",
+        sum(map(len, groups.values())),
+        len(plans),
+    )
     return {"parallelization_list": items}
 
 

@@ -340,3 +340,24 @@ def test_the_retry_skips_a_level_where_the_roi_exceeds_the_pixel_budget():
     estimate, path, read = _retry_reads("0", max_pixels=20_000)
     assert (path, read) == ("2", ["2", "1"])
     assert not judge_estimate(estimate).good
+
+
+def test_reference_reads_are_read_once_kept_read_only_and_within_budget():
+    from fractal_tasks.geometry import Box
+    from fractal_tasks.registration.calculate import ReferenceReads
+
+    reads = []
+
+    def read(box):
+        reads.append(box)
+        return np.full(box.shape, len(reads), np.uint16)
+
+    small, large = Box(("y", "x"), (0, 0), (4, 5)), Box(("y", "x"), (0, 0), (8, 8))
+    cache = ReferenceReads(max_bytes=small.shape[0] * small.shape[1] * 2)
+    at_2 = cache.reader("2", read)
+    first = at_2(small)
+    assert at_2(small) is first and reads == [small]
+    assert not first.flags.writeable
+    cache.reader("1", read)(small)  # another level: read again
+    at_2(large), at_2(large)  # beyond the budget: read each time
+    assert reads == [small, small, large, large]

@@ -24,13 +24,13 @@ def raises_unchanged(plate, match, call):
 
 def calc_args(plate, **extra):
     urls = urls_of(plate)
-    return dict(
-        zarr_url=urls[1],
-        init_args={"reference_zarr_url": urls[0]},
-        wavelength_id="A01_C01",
-        level_path="0",
+    return {
+        "zarr_url": urls[1],
+        "init_args": {"reference_zarr_url": urls[0]},
+        "wavelength_id": "A01_C01",
+        "level_path": "0",
         **extra,
-    )
+    }
 
 
 def test_missing_reference_acquisition(make_plate):
@@ -190,6 +190,24 @@ def test_roi_names_differ(make_plate):
         plate,
         "does not hold the same ROI names.*missing \\['FOV_1'\\]",
         lambda: calculate_registration(**calc_args(plate)),
+    )
+
+
+def test_bad_image_late_in_a_group_writes_no_image_of_it(make_plate):
+    # a well's images are registered in one call; the first is estimated
+    # fine, the second has other ROI names: neither table may change
+    plate = make_plate()
+    urls = urls_of(plate)
+    _set_rois(
+        urls[2],
+        "FOV_ROI_table",
+        lambda rois: [rois[0].model_copy(update={"name": "other"}), *rois[1:]],
+    )
+    group = {"reference_zarr_url": urls[0], "other_zarr_urls": [urls[2]]}
+    raises_unchanged(
+        plate,
+        f"{urls[2]}.*does not hold the same ROI names.*missing \\['FOV_1'\\]",
+        lambda: calculate_registration(**calc_args(plate, init_args=group)),
     )
 
 

@@ -16,9 +16,11 @@ from _workflow import (
     urls_of,
     windows,
 )
+from conftest import plate_copy
 from ngio import open_ome_zarr_container, open_ome_zarr_well
 from ngio.tables import FeatureTable
 
+from fractal_tasks.calculate_registration import calculate_registration
 from fractal_tasks.init_calculate_registration import init_calculate_registration
 from fractal_tasks.init_find_consensus import init_find_consensus
 from fractal_tasks.registration.calculate import load_quality
@@ -28,13 +30,16 @@ def test_init_tasks_pair_images_with_their_reference(make_plate):
     plate = make_plate(wells=("B03", "C05"))
     urls = urls_of(plate)
     items = init_calculate_registration(zarr_urls=urls, zarr_dir="x")
+    # one item per reference image: the well's other images are its group
     pairs = {
-        i["zarr_url"]: i["init_args"]["reference_zarr_url"]
+        url: i["init_args"]["reference_zarr_url"]
         for i in items["parallelization_list"]
+        for url in [i["zarr_url"], *i["init_args"]["other_zarr_urls"]]
     }
     assert pairs == {
         u: u.rsplit("/", 1)[0] + "/0" for u in urls if not u.endswith("/0")
     }
+    assert len(items["parallelization_list"]) == 2
     groups = init_find_consensus(zarr_urls=urls, zarr_dir="x")["parallelization_list"]
     assert [g["zarr_url"] for g in groups] == [u for u in urls if u.endswith("/0")]
     for group in groups:
@@ -216,6 +221,35 @@ def test_tables_are_copied_from_the_right_image(make_plate):
     # ROI tables come from the reference: no translation columns
     roi = out.get_roi_table("FOV_ROI_table").rois()[0]
     assert "translation_x" not in (roi.model_extra or {})
+
+
+def test_a_group_gives_what_one_image_per_call_gives(tmp_path):
+    # the grouped items of our init against fractal-tasks-core's shape of
+    # item (one image per call), on two copies of one plate
+    grouped, single = (plate_copy(tmp_path / k) for k in "ab")
+    items = calculate(grouped)
+    assert [len(i["init_args"]["other_zarr_urls"]) for i in items] == [1]
+    urls = urls_of(single)
+    for url in urls[1:]:
+        calculate_registration(
+            zarr_url=url,
+            init_args={"reference_zarr_url": urls[0]},
+            wavelength_id="A01_C01",
+            level_path="0",
+        )
+    for a, b in zip(urls_of(grouped)[1:], urls[1:], strict=True):
+        for table in ("FOV_ROI_table", "FOV_ROI_table_registration_quality"):
+            pd.testing.assert_frame_equal(
+                open_ome_zarr_container(a).get_table(table).dataframe,
+                open_ome_zarr_container(b).get_table(table).dataframe,
+            )
+    assert (
+        load_quality(open_ome_zarr_container(urls[2]), "FOV_ROI_table")[
+            "registration_status"
+        ]
+        .eq("ok")
+        .all()
+    )
 
 
 def test_every_task_twice_gives_the_same_result(make_plate):

@@ -120,13 +120,32 @@ def load_paired_rois(
             hold the same ROI names.
     """
     reference_rois = by_name(load_rois(reference, table, reference_url))
+    acquisition_rois = load_rois_like(
+        reference_rois, acquisition, table, reference_url, zarr_url
+    )
+    return reference_rois, acquisition_rois
+
+
+def load_rois_like(
+    reference_rois: Mapping[str, Roi],
+    acquisition: OmeZarrContainer,
+    table: str,
+    reference_url: str,
+    zarr_url: str,
+) -> dict[str, Roi]:
+    """An acquisition's ROIs of one table by name, the same names as the reference's.
+
+    Raises:
+        RegistrationInputError: As ``load_rois``, or if the two tables do not
+            hold the same ROI names.
+    """
     acquisition_rois = by_name(load_rois(acquisition, table, zarr_url))
     require_same_names(
         {reference_url: set(reference_rois), zarr_url: set(acquisition_rois)},
         table,
         reference_url,
     )
-    return reference_rois, acquisition_rois
+    return acquisition_rois
 
 
 def slices_um(roi: Roi) -> dict[str, tuple[float, float]]:

@@ -93,6 +93,11 @@ level when the estimate at the ROI's level fails its evidence. 2**23 (8.4 Mpx,
 be retried down to full resolution; a whole-well ROI (10^8 px at level 0) or a
 3D stack at full resolution stops at the finest level where it fits."""
 
+REFERENCE_READS_MAX_BYTES = 2**28
+"""The most reference pixels (256 MiB) a :class:`ReferenceReads` keeps. A
+well's 3x3 FOVs of 2160x2560 px at level 2 take 6 MB, the whole well at level
+0 100 MB: reads beyond the budget are made again for each acquisition."""
+
 QUALITY_COLUMNS = {
     "registration_status": "`ok`, `rotated` (translation kept, but the ROI is "
     "rotated beyond what the translation model can leave: see `residual_px`), "
@@ -260,6 +265,42 @@ def channel_reader(image, channel: int, zarr_url: str) -> Callable[[Box], np.nda
     return read
 
 
+class ReferenceReads:
+    """The reference's ROI pixels, read once for all acquisitions of one call.
+
+    Calculate registers the acquisitions of a well onto one reference in one
+    process; their ROIs cover the same boxes of the reference, so each box is
+    read once per level. The arrays are read-only: the estimators copy before
+    they change anything. Safe to use from the ROI threads.
+    """
+
+    def __init__(self, max_bytes: int = REFERENCE_READS_MAX_BYTES) -> None:
+        self._max_bytes = max_bytes
+        self._kept: dict[tuple[str, Box], np.ndarray] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def reader(
+        self, path: str, read: Callable[[Box], np.ndarray]
+    ) -> Callable[[Box], np.ndarray]:
+        """``read`` at level ``path``, answered from what was read before."""
+
+        def cached(box: Box) -> np.ndarray:
+            key = (path, box)
+            with self._lock:
+                if key in self._kept:
+                    return self._kept[key]
+            pixels = read(box)
+            pixels.setflags(write=False)
+            with self._lock:
+                if self._bytes + pixels.nbytes <= self._max_bytes:
+                    self._kept.setdefault(key, pixels)
+                    self._bytes += pixels.nbytes
+            return pixels
+
+        return cached
+
+
 @dataclass(frozen=True)
 class LevelPair:
     """The registration channels of a reference and an acquisition at one level.
@@ -294,6 +335,7 @@ def open_level_pair(
     channels: tuple[str, str],
     urls: tuple[str, str],
     path: str,
+    reference_reads: ReferenceReads | None = None,
 ) -> LevelPair:
     """Open the registration channel of both images at level ``path``.
 
@@ -302,6 +344,8 @@ def open_level_pair(
         channels: Their registration channels (wavelength id or label).
         urls: Their URLs, for messages.
         path: The pyramid level.
+        reference_reads: Where the reference's pixels are kept across
+            acquisitions, if they are.
 
     Raises:
         RegistrationInputError: For a missing level or channel, a time series,
@@ -312,6 +356,8 @@ def open_level_pair(
         channel_reader(image, channel_index(image, channel, url), url)
         for image, channel, url in zip(images, channels, urls)
     )
+    if reference_reads is not None:
+        readers = (reference_reads.reader(path, readers[0]), readers[1])
     geometries = tuple(spatial_geometry(image) for image in images)
     if not same_pixel_size(geometries[0].pixel_um, geometries[1].pixel_um):
         raise RegistrationInputError(
@@ -407,6 +453,7 @@ def estimate_rois(
     workers: int,
     transform: TransformModel = "translation",
     level0_pixel_um: dict[str, float] | None = None,
+    reference_reads: ReferenceReads | None = None,
 ) -> dict[str, RoiEstimate]:
     """Estimate the shift and rotation of every ROI, at ``level_path`` or finer.
 
@@ -438,6 +485,8 @@ def estimate_rois(
         level0_pixel_um: Pixel size of level 0 (default: that of
             ``level_path``), the unit of ``MOVES_NO_PIXEL`` and of each
             estimate's ``uncertainty_px``.
+        reference_reads: Keeps the reference's pixels for the next
+            acquisition registered onto it (see :class:`ReferenceReads`).
 
     Raises:
         RegistrationInputError: For a missing level or channel, pixel sizes
@@ -449,7 +498,11 @@ def estimate_rois(
     if method is RegistrationMethod.CHI2_SHIFT:
         load_chi2_shift()  # a missing optional package fails before any read
     containers = (reference, acquisition)
-    levels = {level_path: open_level_pair(containers, channels, urls, level_path)}
+
+    def open_level(path: str) -> LevelPair:
+        return open_level_pair(containers, channels, urls, path, reference_reads)
+
+    levels = {level_path: open_level(level_path)}
     geometry = levels[level_path].geometries[0]
     if method is RegistrationMethod.CHI2_SHIFT and geometry.shape.get("z", 1) > 1:
         raise RegistrationInputError(
@@ -464,7 +517,7 @@ def estimate_rois(
     def level(path: str) -> LevelPair:
         with opening:  # ROIs run in threads; open each level once
             if path not in levels:
-                levels[path] = open_level_pair(containers, channels, urls, path)
+                levels[path] = open_level(path)
             return levels[path]
 
     def boxes_at(rois: tuple[Roi, Roi], path: str) -> tuple[Box, Box]:
