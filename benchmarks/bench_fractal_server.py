@@ -7,11 +7,12 @@ one synthetic plate: once with this package (the wheel of the work tree) and
 once with fractal-tasks-core 2.1 collected from the package index by the same
 server. Every task process runs under GNU time (``.ci/e2e/measure.py``), so
 both packages are measured alike: wall time from process start to exit and
-peak RSS, per process (= per image for the compute parts; one process for
-each init part).
+peak RSS, per process (one per image for the compute parts, or per group of
+images where the init groups them; one process for each init part).
 
-It prints, per task part and package, the number of processes, wall s and
-peak MiB per image (median, max), CPU s per image, the wall time of the phase
+It prints, per task part and package, the number of processes (and images),
+wall s per image (median, max), peak MiB per process, CPU s per image (a
+grouped process's time shared among its images), the wall time of the phase
 (first start to last exit) and the ratios ours/ftc, plus the whole workflow;
 then the resource hints (``meta``) derived from our peaks, and whether any
 process exceeded the ``mem`` its task declared. JSON + Markdown go to
@@ -277,8 +278,8 @@ def report(res, ns) -> str:
     )
     L.append("")
     L.append(
-        "| task | part | pkg | processes | wall s/image median | max "
-        "| peak MiB/image median | max | CPU s/image median | phase wall s "
+        "| task | part | pkg | processes (images) | wall s/image median | max "
+        "| peak MiB/process median | max | CPU s/image median | phase wall s "
         "| declared cpus / mem MB |"
     )
     L.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
@@ -289,8 +290,10 @@ def report(res, ns) -> str:
                 if row is None:
                     continue
                 d = row["declared"]
+                images = row.get("images", row["n"])
+                served = f" ({images})" if images != row["n"] else ""
                 L.append(
-                    f"| {SHORT[task]} | {part} | {n} | {row['n']} "
+                    f"| {SHORT[task]} | {part} | {n} | {row['n']}{served} "
                     f"| {_fmt(row['wall_s']['median'])} | {_fmt(row['wall_s']['max'])} "
                     f"| {_fmt(row['peak_mib']['median'], 0)} "
                     f"| {_fmt(row['peak_mib']['max'], 0)} "
@@ -309,7 +312,7 @@ def report(res, ns) -> str:
         L.append("")
         L.append(
             "| task | part | wall/image median | wall/image max "
-            "| peak/image median | peak/image max | phase wall |"
+            "| peak/process median | peak/process max | phase wall |"
         )
         L.append("|---|---|---:|---:|---:|---:|---:|")
         for task in TASK_ORDER:
@@ -336,8 +339,9 @@ def report(res, ns) -> str:
         )
         L.append("")
     L.append(
-        "wall: process start to exit (GNU time, one process per image for the "
-        "compute parts); peak: that process's max RSS; CPU: user + system; "
+        "wall: process start to exit (GNU time), per image: a compute process "
+        "that serves a group of images (ours: Calculate, one per well) counts "
+        "its share for each; peak: that process's max RSS; CPU: user + system; "
         "phase wall: first start to last exit of the part's processes; workflow "
         "wall: job submission to the job's end as the server reports it."
     )
@@ -525,6 +529,13 @@ def _big_files(_dir, names):
     return [n for n in names if n.endswith((".zarr", ".pickle"))]
 
 
+def _images_served(args: dict, part: str) -> int:
+    """Images one process worked on: a compute item's image and its group."""
+    if part != "compute":
+        return 1
+    return 1 + len((args.get("init_args") or {}).get("other_zarr_urls", []))
+
+
 def package_result(measure, recs, tasks, group, job, job_s, coll_s, dest) -> dict:
     index = measure.script_index(list(tasks.values()))
     rows = []
@@ -533,6 +544,7 @@ def package_result(measure, recs, tasks, group, job, job_s, coll_s, dest) -> dic
             mine = [r for r in recs if index.get(r["script"]) == (task, part)]
             if not mine:
                 continue
+            served = [_images_served(r["args"], part) for r in mine]
             walls = [r["wall_s"] for r in mine]
             cpu = [r["user_s"] + r["sys_s"] for r in mine]
             starts = [r["start"] for r in mine if r["start"]]
@@ -542,9 +554,11 @@ def package_result(measure, recs, tasks, group, job, job_s, coll_s, dest) -> dic
                     "task": task,
                     "part": part,
                     "n": len(mine),
-                    "wall_s": measure.summarize(walls),
+                    "images": sum(served),
+                    # a grouped process serves several images: its share each
+                    "wall_s": measure.summarize([w / k for w, k in zip(walls, served)]),
                     "peak_mib": measure.summarize([r["peak_mib"] for r in mine]),
-                    "cpu_s": measure.summarize(cpu),
+                    "cpu_s": measure.summarize([c / k for c, k in zip(cpu, served)]),
                     "cpu_util": round(sum(cpu) / sum(walls), 2) if sum(walls) else None,
                     "phase_s": (max(ends) - min(starts)) if starts and ends else None,
                     "failed": sum(1 for r in mine if r["exit"] != 0),
