@@ -14,6 +14,8 @@ For every selected plate the script
      ours  = fractal_tasks.apply_registration_to_image over the 3 images
      ftc   = fractal_tasks_core 2.1 apply_registration_to_image (own venv)
      plain = numpy + zarr chunk-by-chunk copy + 2x2-mean pyramid (_plain_copy)
+     floor = the codec floor: decode and encode, from bytes in memory, every
+             chunk apply writes, with the array's own codec (_codec_floor)
 4. checks the outputs (ours vs ftc level 0; residual shift after apply);
 5. prints a table, the ratios and the command that reproduces the run, and
    stores everything as JSON + Markdown under benchmarks/out/results/.
@@ -91,6 +93,7 @@ LABELS = {
     "ours": "fractal_tasks (ours)",
     "ftc": "fractal-tasks-core 2.1",
     "plain": "plain numpy+zarr copy",
+    "floor": "codec floor (decode + encode in memory)",
 }
 
 
@@ -162,8 +165,8 @@ def parse_args(argv=None):
     r = p.add_argument_group("run")
     r.add_argument(
         "--contenders",
-        default="ours,ftc,plain",
-        help="comma list out of ours, ftc, plain",
+        default="ours,ftc,plain,floor",
+        help="comma list out of ours, ftc, plain, floor",
     )
     r.add_argument(
         "--tables",
@@ -438,6 +441,17 @@ def apply_spec(
             ],
             "log_level": args.log_level,
         }
+    if impl == "floor":
+        return {
+            "imports": ["_codec_floor"],
+            "steps": [
+                {
+                    "kind": "call",
+                    "func": "_codec_floor:codec_floor",
+                    "kwargs": {"src_urls": src_urls, "workers": args.cpus or 2},
+                }
+            ],
+        }
     return {
         "imports": ["_plain_copy"],
         "steps": [
@@ -615,7 +629,11 @@ def run_plate(name, spec, table, args, pythons, run_dir, contenders):
             res["apply"][impl] = {"error": "no registered ROI tables"}
             log(f"  [{impl}] skipped: no registered ROI tables")
             continue
-        if impl == "plain":
+        if impl == "floor":
+            spec_apply = apply_spec("floor", None, args, table, src_urls=src_urls)
+            warm = warm_page_cache(src_dir)
+            python = sys.executable
+        elif impl == "plain":
             plain_dst = pdir / "plain"
             shutil.rmtree(plain_dst, ignore_errors=True)
             spec_apply = apply_spec(
@@ -636,10 +654,14 @@ def run_plate(name, spec, table, args, pythons, run_dir, contenders):
             pdir / "logs",
             f"apply-{impl}",
             env_extra=env_ours if impl == "ours" else None,
-            cpu_affinity=pinned if (impl == "ours" or args.pin) else None,
+            # the floor is what our apply could reach on the same cores
+            cpu_affinity=pinned if (impl in ("ours", "floor") or args.pin) else None,
             timeout=args.timeout,
         )
         r["warm_seconds"] = warm
+        if impl == "floor" and not r.get("error"):
+            # the timed part only: reading the chunk files into memory is not
+            r["task_seconds"] = r["calls"][0]["returned"]["seconds"]
         res["apply"][impl] = r
         if r.get("error"):
             log(
@@ -740,7 +762,7 @@ def summarize(results, args) -> str:
     ratio_lines = []
     for res in results:
         mb = res["level0_mb"]
-        for impl in ("ours", "ftc", "plain"):
+        for impl in ("ours", "ftc", "plain", "floor"):
             r = res["apply"].get(impl)
             if r is None:
                 continue
@@ -790,6 +812,11 @@ def summarize(results, args) -> str:
                 f"peak RSS ours/ftc = {q('ours', 'ftc', 'maxrss_kb'):.2f}"
             )
         for impl in ("ours", "ftc"):
+            if impl in a and "floor" in a:
+                ratio_lines.append(
+                    f"{plate}: {impl} vs the codec floor: "
+                    f"x{q(impl, 'floor', 'task_seconds'):.2f} of its time"
+                )
             if impl in a and "plain" in a:
                 ratio_lines.append(
                     f"{plate}: {impl} vs plain copy: time "

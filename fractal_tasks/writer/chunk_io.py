@@ -283,11 +283,11 @@ def chunk_access(array: zarr.Array) -> ChunkAccess:
     """
     if os.environ.get(ZARR_IO_ENV, "") not in ("", "0"):
         return ChunkAccess(array)
-    direct, codec = _direct_codec(array)
+    direct, codec = direct_codec(array)
     return ChunkFiles(array, codec) if direct else ChunkAccess(array)
 
 
-def _direct_codec(array: zarr.Array) -> tuple[bool, numcodecs.abc.Codec | None]:
+def direct_codec(array: zarr.Array) -> tuple[bool, numcodecs.abc.Codec | None]:
     """Whether chunk files can be used, and the numcodecs codec (None: raw).
 
     Not for arrays that need zarr itself: a remote store, sharding, filters,
