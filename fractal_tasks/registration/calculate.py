@@ -293,8 +293,9 @@ class ReferenceReads:
             pixels = read(box)
             pixels.setflags(write=False)
             with self._lock:
-                if self._bytes + pixels.nbytes <= self._max_bytes:
-                    self._kept.setdefault(key, pixels)
+                fits = self._bytes + pixels.nbytes <= self._max_bytes
+                if fits and key not in self._kept:  # a thread may have read it too
+                    self._kept[key] = pixels
                     self._bytes += pixels.nbytes
             return pixels
 
