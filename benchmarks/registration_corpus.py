@@ -34,9 +34,13 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
+import os
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -198,7 +202,6 @@ def ours_group(cases: list[corpus.Case], repeats: int) -> list[dict]:
             evidence = (
                 f"peak {e.peak_significance:.1f}, ridge {e.peak_elongation:.1f}, "
                 f"uncertainty {e.uncertainty_px:.2f} px, "
-                f"offset {e.offset_check:.2f}, "
                 f"ncc {e.ncc_before:.2f}->{e.ncc_after:.2f}"
             )
             out.append(
@@ -268,17 +271,31 @@ def baseline(fn, c: corpus.Case, repeats: int) -> tuple[np.ndarray, float]:
 # cost at a realistic size
 # --------------------------------------------------------------------------
 COST_SHAPES = {2: (540, 640), 3: (20, 216, 216)}  # 2D: a 2160x2560 FOV at level 2
+# glibc's allocator decides whether a freed buffer goes back to the system,
+# and so whether the next one costs a page fault per 4 KiB: as much as the
+# arithmetic on it. Its default moves its thresholds as buffers come and go,
+# so the same call costs up to 2x more or less depending on what ran before;
+# each method is therefore timed in fresh processes under fixed settings.
+ALLOCATOR = {
+    "kept": "glibc.malloc.mmap_threshold=33554432:"
+    "glibc.malloc.trim_threshold=1073741824",
+    "freed": "glibc.malloc.mmap_threshold=131072:glibc.malloc.trim_threshold=131072",
+}
+"""``kept``: freed memory stays in the heap, no page faults (the arithmetic
+alone). ``freed``: every buffer above 128 KiB is mapped fresh and handed back
+when freed (what the apply task's executable sets)."""
+COST_METHODS = ("ours", "ftc")
 
 
-def cost_rows(images: list[corpus.CorpusImage], repeats: int) -> list[list]:
-    """CPU ms per FOV of ours, plain and ftc's method at a realistic FOV size.
+def cost_pairs(
+    images: list[corpus.CorpusImage],
+) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """One pair per image large enough, at a realistic FOV size.
 
     The corpus FOVs are 56 px at level 2, where per-call overhead dominates;
-    a 2160x2560 px FOV is 540x640 px at level 2 (3D: 20 planes of 270x320).
-    Each image large enough gives one pair: its central crop of that size and
-    the crop moved by (0,) 13, -17 px, each with fresh camera noise. Times are
-    process CPU time (other processes on the machine do not count), the best
-    of ``repeats`` runs.
+    a 2160x2560 px FOV is 540x640 px at level 2 (3D: 20 planes of 216x216).
+    Each pair is the image's central crop of that size and the crop moved by
+    (0,) 13, -17 px, each with fresh camera noise.
     """
     rng = np.random.default_rng(0)
     out = []
@@ -293,40 +310,77 @@ def cost_rows(images: list[corpus.CorpusImage], repeats: int) -> list[list]:
             cam.image(img.array[tuple(slice(a, a + s) for a, s in zip(o, shape))], rng)
             for o in (start, moved)
         )
-        from fractal_tasks.registration.shift import estimate_shift  # noqa: PLC0415
-
-        times = {}
-        for label, fn in (
-            ("ours", lambda r, m: estimate_shift(r, m).shift),
-            ("plain", plain_estimate),
-            ("ftc", ftc_estimate),
-        ):
-            best = np.inf
-            for _ in range(repeats):
-                t0 = time.process_time()
-                fn(ref, mov)
-                best = min(best, time.process_time() - t0)
-            times[label] = 1e3 * best
-        out.append(
-            [
-                img.name,
-                "x".join(map(str, shape)),
-                f"{times['ours']:.1f}",
-                f"{times['ftc']:.1f}",
-                f"{times['plain']:.1f}",
-                f"{times['ours'] / times['ftc']:.2f}",
-            ]
-        )
+        out.append((img.name, ref, mov))
     return out
 
 
-COST_HEADERS = [
-    "image",
-    "FOV px (level 2)",
-    "ms ours",
-    "ms ftc",
-    "ms plain",
-    "ours/ftc",
+def _cost_method(method: str):
+    if method == "ftc":
+        return ftc_estimate
+    from fractal_tasks.registration.shift import estimate_shift  # noqa: PLC0415
+
+    return lambda r, m: estimate_shift(r, m).shift
+
+
+def cost_child(method: str, pairs_file: Path, repeats: int) -> None:
+    """Print the CPU ms of ``method`` on each pair of ``pairs_file`` (JSON)."""
+    fn = _cost_method(method)
+    with np.load(pairs_file) as data:
+        pairs = [(data[f"r{i}"], data[f"m{i}"]) for i in range(len(data.files) // 2)]
+    times = []
+    for ref, mov in pairs:
+        fn(ref, mov)  # imports, caches
+        best = np.inf
+        for _ in range(repeats):
+            t0 = time.process_time()
+            fn(ref, mov)
+            best = min(best, time.process_time() - t0)
+        times.append(1e3 * best)
+    print(json.dumps(times))
+
+
+def cost_rows(images: list[corpus.CorpusImage], repeats: int) -> list[list]:
+    """CPU ms per FOV of ours and ftc's method at a realistic FOV size.
+
+    Process CPU time (other processes on the machine do not count), the best
+    of ``repeats`` runs after one untimed call, each method in a process of
+    its own per allocator setting (:data:`ALLOCATOR`).
+    """
+    pairs = cost_pairs(images)
+    if not pairs:
+        return []
+    arrays = {}
+    for i, (_, ref, mov) in enumerate(pairs):
+        arrays[f"r{i}"], arrays[f"m{i}"] = ref, mov
+    ms = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        pairs_file = Path(scratch) / "cost_pairs.npz"
+        np.savez(pairs_file, **arrays)
+        for regime, method in itertools.product(ALLOCATOR, COST_METHODS):
+            command = [sys.executable, __file__, "--cost-child", method]
+            command += [str(pairs_file), "--repeats", str(repeats)]
+            done = subprocess.run(
+                command,
+                capture_output=True,
+                text=True,
+                check=True,
+                env=dict(os.environ, GLIBC_TUNABLES=ALLOCATOR[regime]),
+            )
+            ms[regime, method] = json.loads(done.stdout.strip().splitlines()[-1])
+    rows = []
+    for i, (name, ref, _) in enumerate(pairs):
+        row = [name, "x".join(map(str, ref.shape))]
+        for regime in ALLOCATOR:
+            ours, ftc = ms[regime, "ours"][i], ms[regime, "ftc"][i]
+            row += [f"{ours:.1f}", f"{ftc:.1f}", f"{ours / ftc:.2f}"]
+        rows.append(row)
+    return rows
+
+
+COST_HEADERS = ["image", "FOV px (level 2)"] + [
+    h
+    for regime in ALLOCATOR
+    for h in (f"ms ours ({regime})", f"ms ftc ({regime})", f"ours/ftc ({regime})")
 ]
 
 
@@ -543,8 +597,14 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT / "results")
     p.add_argument("--details", action="store_true", help="print every case")
+    p.add_argument(
+        "--cost-child", nargs=2, metavar=("METHOD", "PAIRS"), help=argparse.SUPPRESS
+    )
     args = p.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
+    if args.cost_child:
+        cost_child(args.cost_child[0], Path(args.cost_child[1]), repeats)
+        return 0
     # the verdict notes are in the results; keep the console to the tables
     logging.getLogger("fractal_tasks").setLevel(logging.ERROR)
 
@@ -608,11 +668,12 @@ def main(argv=None) -> int:
         print(f"Worst ok FOV [{k}] (error after judging): {sm['worst_ok']}")
         print()
     costs = {
-        k: cost_rows([i for i in images if set_name(i) == k], repeats) for k in summary
+        k: cost_rows([i for i in images if set_name(i) == k], 2 * repeats + 1)
+        for k in summary
     }
     per_set(
         "CPU ms per FOV at a realistic size (a 2160x2560 FOV read at level 2)",
-        lambda k: fmt_table(COST_HEADERS, costs[k], "llrrrr"),
+        lambda k: fmt_table(COST_HEADERS, costs[k], "ll" + "r" * 6),
     )
     for k, sm in summary.items():
         print(f"[{k}] {sm['n_cases']} cases ({sm['n_good']} expected good)")

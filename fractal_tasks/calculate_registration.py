@@ -98,7 +98,7 @@ def calculate_registration(
     (the correlation peak in robust standard deviations of the surface's
     fine band), `peak_elongation`, `uncertainty_px` (how far the match slides
     along the direction the content fixes least, level-0 px) and
-    `uncertainty_direction_deg`, `offset_check`, `saturated` (share of the
+    `uncertainty_direction_deg`, `saturated` (share of the
     overlap at the image's maximum value, 0 to 1), the `level_path` the ROI
     was estimated at,
     and the rotation: `rotation_deg` (what the stored transform applies),
@@ -219,7 +219,7 @@ def _log_results(results: list[RoiRegistration]) -> None:
         logger.info(
             "ROI %s: translation (z, y, x) = (%.3f, %.3f, %.3f) µm, rotation "
             "%.3f° (measured %.3f°), NCC %.3f -> %.3f, peak %.1f, uncertainty "
-            "%.2f px along %.0f°, offset check %.2f, %s.",
+            "%.2f px along %.0f°, %s.",
             result.name,
             t.get("z", 0.0),
             t["y"],
@@ -231,7 +231,6 @@ def _log_results(results: list[RoiRegistration]) -> None:
             result.roi_estimate.estimate.peak_significance,
             result.roi_estimate.estimate.uncertainty_px,
             result.roi_estimate.estimate.uncertainty_direction_deg,
-            result.roi_estimate.estimate.offset_check,
             result.status.value,
         )
 

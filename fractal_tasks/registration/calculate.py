@@ -53,7 +53,6 @@ from fractal_tasks.registration.shift import (
     CONFIRM_FINER,
     NCC_AFTER,
     NCC_GAIN,
-    OFFSET_CHECK,
     PEAK_SIGNIFICANCE,
     SATURATED,
     UNCERTAINTY,
@@ -122,10 +121,6 @@ QUALITY_COLUMNS = {
     "is needed",
     "uncertainty_direction_deg": "that direction, degrees from the x axis towards "
     "y (0..180)",
-    "offset_check": "where the match lands on crops offset by a known step, as a "
-    "fraction of that step from where moving content puts it (0: moved with the "
-    f"content; about 1: stayed with the image frame); {OFFSET_CHECK.needed} is "
-    "needed",
     "saturated": "share (0..1) of the overlap where either image is at its "
     f"maximum value (clipped); {SATURATED.needed} is needed",
     "level_path": "the level the ROI was read at",
@@ -196,7 +191,6 @@ class RoiRegistration:
             "peak_elongation": e.peak_elongation,
             "uncertainty_px": e.uncertainty_px,
             "uncertainty_direction_deg": e.uncertainty_direction_deg,
-            "offset_check": e.offset_check,
             "saturated": e.saturated,
             "level_path": self.roi_estimate.level_path,
             ROTATION_COLUMN: self.transform.rotation_deg,
