@@ -162,6 +162,13 @@ def parse_args(argv=None):
         help="largest per-axis shift between acquisitions, level-0 px",
     )
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--rotation-deg",
+        type=lambda text: tuple(float(v) for v in text.split(",")),
+        default=(),
+        help="per acquisition, its rotation about the well's centre, e.g. "
+        "0,0.5,1 (a rotated acquisition's FOVs move as one piece)",
+    )
     r = p.add_argument_group("run")
     r.add_argument(
         "--contenders",
@@ -187,6 +194,12 @@ def parse_args(argv=None):
     )
     r.add_argument("--wavelength-id", default="A01_C01")
     r.add_argument("--level-path", default="2", help="level used by calculate")
+    r.add_argument(
+        "--transform",
+        choices=["translation", "rigid"],
+        default="translation",
+        help="our Calculate's model (fractal-tasks-core registers translations)",
+    )
     r.add_argument(
         "--cpus",
         type=int,
@@ -248,6 +261,7 @@ def plate_specs(args) -> list[tuple[str, SynthSpec, str]]:
         max_shift_px=args.max_shift,
         seed=args.seed,
         noise="fast",
+        rotation_deg=args.rotation_deg,
     )
     out = []
     if args.plate in ("2d", "both"):
@@ -324,6 +338,7 @@ def calc_steps(impl: str, urls, zarr_dir, args, table: str) -> dict:
                     "wavelength_id": args.wavelength_id,
                     "level_path": args.level_path,
                     "input_roi_table": table,
+                    "transform": args.transform,
                 },
             },
             {
