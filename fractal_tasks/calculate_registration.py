@@ -67,7 +67,9 @@ def calculate_registration(
     its own evidence (below) is estimated at each finer level in turn until
     one passes, and that estimate is kept; a finer level is read only while
     the ROI there is at most 2**23 px (8.4 Mpx, a whole camera frame) per
-    image, so a failed whole-well ROI never reads the full-resolution well.
+    image, so a failed whole-well ROI never reads the full-resolution well;
+    under `transform="translation"` a ROI whose own rotation makes it
+    `rotated` is not read finer (the rotation blurs the match more there).
     The log says so. Time series (more than one time point)
     are refused with an error.
 

@@ -18,7 +18,12 @@ from fractal_tasks.geometry import (
     consensus_windows,
     largest_window,
 )
-from fractal_tasks.registration.calculate import load_quality, rigid_angles
+from fractal_tasks.registration import calculate as calculate_module
+from fractal_tasks.registration.calculate import (
+    load_quality,
+    rigid_angles,
+    rotated_whatever_the_shift,
+)
 from fractal_tasks.registration.rotation import RotationEstimate, estimate_rotation
 from fractal_tasks.registration.shift import estimate_shift
 
@@ -168,6 +173,34 @@ def test_the_translation_model_reports_a_rotated_plate(rotated_plate, caplog):
     reference = rotated_plate.images[0].zarr_url
     quality = load_quality(open_ome_zarr_container(reference), "FOV_ROI_table")
     assert quality.empty or "rotated" not in set(quality["registration_status"])
+
+
+def test_what_only_a_rotation_explains_is_not_read_finer(rotated_plate, monkeypatch):
+    """Under the translation model, a ROI its own angle makes ``rotated`` is
+    estimated at its level only: finer levels blur its match more (the
+    corners move further in their pixels), so reading them, up to a whole
+    camera frame, could change no verdict."""
+    levels_tried = []
+    retry = calculate_module.estimate_with_retry
+
+    def spy(read_pair, paths, **kwargs):
+        levels_tried.append(list(paths))
+        return retry(read_pair, paths, **kwargs)
+
+    monkeypatch.setattr(calculate_module, "estimate_with_retry", spy)
+    calculate(rotated_plate, level_path="1")
+    assert levels_tried == [["1"]] * 4
+    levels_tried.clear()
+    calculate(rotated_plate, level_path="1", transform="rigid")
+    assert levels_tried == [["1", "0"]] * 4  # the rotation undone: as usual
+
+
+def test_rotated_whatever_the_shift_needs_a_reliable_significant_angle():
+    size, pixel = {"y": 300.0, "x": 300.0}, {"y": 1.0, "x": 1.0}
+    assert rotated_whatever_the_shift(_rotation(0.8), size, pixel)  # 3 px
+    assert not rotated_whatever_the_shift(_rotation(0.2), size, pixel)  # < 1 px
+    assert not rotated_whatever_the_shift(_rotation(0.8, 0.5), size, pixel)
+    assert not rotated_whatever_the_shift(_rotation(math.nan), size, pixel)
 
 
 def test_a_rotated_plate_through_the_three_tasks(rotated_plate):

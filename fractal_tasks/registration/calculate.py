@@ -592,13 +592,22 @@ def estimate_rois(
         raw = reader(name)
         paths = finer[finer.index(chosen[name]) :]
         turn, how = turns[name]
-        first, rotation = measured.get(name, (None, None))
-        moves = corner_displacement(turn, size_um(pairs[name], paths[0]), unit_um)
-        far = rotation is not None and beyond_reach(turn, rotation)
-        if far or moves < MOVES_NO_PIXEL:
+        measured_first, rotation = measured[name] if name in measured else measure(name)
+        first: ShiftEstimate | None = measured_first
+        size = size_um(pairs[name], paths[0])
+        if (
+            beyond_reach(turn, rotation)
+            or corner_displacement(turn, size, unit_um) < MOVES_NO_PIXEL
+        ):
             turn = 0.0  # left out: a copy, or a failure judge() reports
-        elif first is not None:
+        else:
             first = None  # estimated again, without the rotation
+        if transform == "translation" and rotated_whatever_the_shift(
+            rotation, size, unit_um
+        ):
+            # A rotation blurs the match more at each finer level: reading
+            # them (up to a whole camera frame) would change no verdict.
+            paths = paths[:1]
 
         def read(path: str) -> tuple[np.ndarray, np.ndarray]:
             reference_pixels, moving = raw(path)
@@ -613,7 +622,7 @@ def estimate_rois(
             method=method,
             **options,
         )
-        if rotation is None:
+        if transform == "translation" and path != paths[0]:
             rotation = estimate_rotation(*raw(path), estimate.shift, **options)
         elif turn:  # what is left once the rotation is undone, measured
             left = estimate_rotation(*read(path), estimate.shift, **options)
@@ -758,11 +767,17 @@ def judge(
             (rotation.angle_deg, "", False) if transform == "rigid" else seen[name]
         )
         residual = corner_displacement(angle - applied, size, level0_pixel_um)
+        rotated = judged and not ROTATION_RESIDUAL.holds(residual)
         if not verdict.good:
             status = RegistrationStatus.FALLBACK if good else RegistrationStatus.FAILED
             note = f"{verdict.reason}; shift replaced by {replacement}"
+            if rotated:  # the likely cause, and what to do about it
+                note += (
+                    f"; the ROI is rotated by {angle:.2f}° ({source}): register "
+                    'it with transform="rigid"'
+                )
             logger.warning("ROI %s of %s: %s.", name, zarr_url, note)
-        elif judged and not ROTATION_RESIDUAL.holds(residual):
+        elif rotated:
             status = RegistrationStatus.ROTATED
             note = (
                 f"rotated by {angle:.2f}° ({source}): the translation leaves "
@@ -803,13 +818,35 @@ def reliable_rois(
     That is, one standard deviation of the angle moves the ROI's corners by
     at most that many pixels (of ``pixel_um``).
     """
-    return {
-        n
-        for n, r in rotations.items()
-        if r.measured
-        and corner_displacement(r.uncertainty_deg, sizes_um[n], pixel_um)
+    return {n for n, r in rotations.items() if _reliable(r, sizes_um[n], pixel_um)}
+
+
+def _reliable(
+    rotation: RotationEstimate, size_um: dict[str, float], pixel_um: dict[str, float]
+) -> bool:
+    return (
+        rotation.measured
+        and corner_displacement(rotation.uncertainty_deg, size_um, pixel_um)
         <= MOVES_NO_PIXEL
-    }
+    )
+
+
+def rotated_whatever_the_shift(
+    rotation: RotationEstimate, size_um: dict[str, float], pixel_um: dict[str, float]
+) -> bool:
+    """Whether the translation model finds this ROI ``rotated`` by its own angle.
+
+    True when its angle is reliable and significant (see :func:`judge`) and
+    moves its corners further than ``ROTATION_RESIDUAL`` allows: whatever
+    shift is estimated, a translation cannot leave it aligned.
+    """
+    return (
+        _reliable(rotation, size_um, pixel_um)
+        and rotation.significant
+        and not ROTATION_RESIDUAL.holds(
+            corner_displacement(rotation.angle_deg, size_um, pixel_um)
+        )
+    )
 
 
 def _rotations_seen(
