@@ -76,16 +76,20 @@ def calculate_registration(
     Each ROI then gets a verdict from the evidence of its own registration: a
     correlation peak that does not stand out of the fine band of the
     correlation surface (empty, saturated, defocused or unrelated images,
-    smooth shading only), a peak that is a ridge (an edge fixes the shift
-    across it, not along it), a match that does not move with the content
-    when the images are cropped with a known offset (it stays with the image
-    frame), an overlap more than half at the image's maximum value
+    smooth shading only), a match that slides with the image frame along
+    some direction (an edge or a rim fixes the shift across it, not along
+    it; a smooth gradient or vignetting, in every direction), an overlap
+    more than half at the image's maximum value
     (saturated), no gain in correlation from the shift, a shift beyond
     `max_shift`, or a shift far from the other ROIs of the acquisition when
     those agree closely: the ROI failed. Its
     translation is replaced by the median of the good ROIs (status
     `fallback`; the note gives the spread of the good ROIs when they differ
-    by more than a pixel) and one warning names it.
+    by more than a pixel) and one warning names it. In a well that turned
+    (the good ROIs' angle moves their centres by half a pixel or more), it
+    is replaced instead by the shift of its own centre under the well's
+    rotation and translation fitted to the good ROIs, where that fits each
+    of them within a level-0 pixel.
 
     The acquisition's `input_roi_table` gets `translation_z`,
     `translation_y`, `translation_x` per ROI (micrometres, the shift that

@@ -20,12 +20,14 @@ from fractal_tasks.geometry import (
 )
 from fractal_tasks.registration import calculate as calculate_module
 from fractal_tasks.registration.calculate import (
+    RoiEstimate,
+    judge,
     load_quality,
     rigid_angles,
     rotated_whatever_the_shift,
 )
 from fractal_tasks.registration.rotation import RotationEstimate, estimate_rotation
-from fractal_tasks.registration.shift import estimate_shift
+from fractal_tasks.registration.shift import ShiftEstimate, estimate_shift
 
 SHAPE = (270, 320)  # a 1080x1280 FOV at level 2
 
@@ -201,6 +203,64 @@ def test_rotated_whatever_the_shift_needs_a_reliable_significant_angle():
     assert not rotated_whatever_the_shift(_rotation(0.2), size, pixel)  # < 1 px
     assert not rotated_whatever_the_shift(_rotation(0.8, 0.5), size, pixel)
     assert not rotated_whatever_the_shift(_rotation(math.nan), size, pixel)
+
+
+def _turned_well(angle: float, failed: str) -> dict[str, RoiEstimate]:
+    """2x2 FOVs of 702x832 µm whose well turned by ``angle`` about its centre;
+    ``failed`` has a peak that does not stand out."""
+    well = RigidTransform(angle, {"y": 702.0, "x": 832.0}, {"y": 3.0, "x": -2.0})
+    out = {}
+    for name, (y, x) in {
+        "FOV_1": (351.0, 416.0),
+        "FOV_2": (351.0, 1248.0),
+        "FOV_3": (1053.0, 416.0),
+        "FOV_4": (1053.0, 1248.0),
+    }.items():
+        moved = well.about({"y": y, "x": x}).translation
+        estimate = ShiftEstimate(
+            shift=(moved["y"] / 1.3, moved["x"] / 1.3),
+            ncc_before=0.1,
+            ncc_after=0.8,
+            peak_significance=4.0 if name == failed else 30.0,
+            peak_elongation=1.0,
+        )
+        rotation = _rotation(angle, 0.001)
+        out[name] = RoiEstimate(
+            estimate, "2", {"y": 1.3, "x": 1.3}, rotation, {"y": y, "x": x}, angle
+        )
+    return out
+
+
+def test_a_failed_roi_of_a_turned_well_moves_with_the_well():
+    """A FOV that fails in a well that turned by 1° gets the shift of its own
+    centre under the motion the good FOVs show, not their median (which is
+    up to 45 px off at the corners of a 2x2 well of camera frames)."""
+    sizes = {n: {"y": 702.0, "x": 832.0} for n in ("FOV_1", "FOV_2", "FOV_3", "FOV_4")}
+    level0 = {"y": 0.325, "x": 0.325}
+    for angle in (1.0, 0.0):
+        estimates = _turned_well(angle, failed="FOV_1")
+        results = judge(
+            estimates,
+            {"y": 1.3, "x": 1.3},
+            level0,
+            sizes,
+            max_shift=None,
+            keep_zero_if_all_failed=False,
+            zarr_url="acquisition",
+            transform="rigid",
+        )
+        failed = next(r for r in results if r.name == "FOV_1")
+        assert failed.status == "fallback"
+        truth = RigidTransform(angle, {"y": 702.0, "x": 832.0}, {"y": 3.0, "x": -2.0})
+        expected = truth.about(estimates["FOV_1"].centre_um).translation
+        got = failed.transform.translation
+        if angle:
+            assert got["y"] == pytest.approx(expected["y"], abs=1e-6)
+            assert got["x"] == pytest.approx(expected["x"], abs=1e-6)
+            assert "the well's motion fitted to the good ROIs" in failed.note
+        else:  # no turn: the median of the good ones, as ever
+            assert (got["y"], got["x"]) == (pytest.approx(3.0), pytest.approx(-2.0))
+            assert "the median of the good ROIs" in failed.note
 
 
 def test_a_rotated_plate_through_the_three_tasks(rotated_plate):

@@ -4,7 +4,8 @@ Reads only the registration channel, ROI by ROI (in parallel threads), at the
 chosen pyramid level, or at a finer one for a ROI too small there; estimates
 each ROI's shift, judges it by the evidence of its own registration, and
 replaces the shift of a failed ROI by the median of the good ROIs of the same
-acquisition.
+acquisition (in a well that turned, by the shift of its centre under the
+well's motion fitted to them).
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ well's 3x3 FOVs of 2160x2560 px at level 2 take 6 MB, the whole well at level
 QUALITY_COLUMNS = {
     "registration_status": "`ok`, `rotated` (translation kept, but the ROI is "
     "rotated beyond what the translation model can leave: see `residual_px`), "
-    "`fallback` (replaced by the median of the good ROIs) or `failed` (no good "
+    "`fallback` (replaced by the median of the good ROIs, or in a well that "
+    "turned by its centre's shift under the well's fitted motion) or `failed` (no good "
     "ROI and `keep_zero_if_all_failed=True`)",
     "registration_note": "why a ROI is not `ok`",
     "ncc_before": "normalized cross-correlation (-1..1) of the prepared "
@@ -678,7 +680,7 @@ def judge(
     transform: TransformModel = "translation",
     roi_centre_um: dict[str, dict[str, float]] | None = None,
 ) -> list[RoiRegistration]:
-    """Judge every ROI's estimate; failed ROIs fall back to the median of the good.
+    """Judge every ROI's estimate; failed ROIs fall back to what the good show.
 
     Args:
         estimates: Per ROI name, from :func:`estimate_rois`.
@@ -743,6 +745,17 @@ def judge(
             "to store zero shifts."
         )
     fallback, replacement = _fallback(shifts_um[good], level0_pixel_um, axes)
+    fallbacks = {name: fallback for name in names}
+    moved = _well_motion(
+        {names[i]: estimates[names[i]] for i in good},
+        shifts_um[good],
+        axes,
+        level0_pixel_um,
+    )
+    if moved is not None:  # a rotated well: each ROI's centre moved its own way
+        well, replacement = moved
+        for name in names:
+            fallbacks[name] = _centre_shift(well, estimates[name].centre_um, axes)
     seen = (
         _rotations_seen(
             {n: estimates[n].rotation for n in names},
@@ -755,7 +768,7 @@ def judge(
     )
     results = []
     for i, (name, verdict) in enumerate(zip(names, verdicts)):
-        shift = shifts_um[i] if verdict.good else fallback
+        shift = shifts_um[i] if verdict.good else fallbacks[name]
         status = RegistrationStatus.OK
         note = ""
         size = roi_size_um[name]
@@ -961,6 +974,55 @@ def _fallback(
         f"the median of the good ROIs, which differ from it by up to "
         f"{spread_px:.1f} px ({spread_um:.2f} µm): a guess"
     )
+
+
+def _well_motion(
+    good: dict[str, RoiEstimate],
+    good_um: np.ndarray,
+    axes: Sequence[str],
+    level0_pixel_um: dict[str, float],
+) -> tuple[RigidTransform, str] | None:
+    """The rigid motion of the whole well, where the good ROIs show one.
+
+    When the well turned (the median of the good ROIs' measured angles moves
+    their centres apart by half a level-0 pixel or more), each ROI's centre
+    moves its own way and their median fits none of them. The well's
+    rotation about the good ROIs' mean centre, with the translation that
+    fits their shifts best, then gives a failed ROI the shift of its own
+    centre, if it fits every good ROI within a level-0 pixel. None
+    otherwise (fewer than two good ROIs, no turn, or no fit): the median.
+    """
+    angles = [e.rotation.angle_deg for e in good.values() if e.rotation.measured]
+    if len(good) < 2 or not angles or "y" not in axes or "x" not in axes:
+        return None
+    angle = float(np.median(angles))
+    centres = np.array([[e.centre_um["y"], e.centre_um["x"]] for e in good.values()])
+    middle = dict(zip(("y", "x"), centres.mean(axis=0), strict=True))
+    turn = RigidTransform(angle, middle)
+    level0 = np.array([level0_pixel_um[a] for a in axes])
+    turned = np.array([_centre_shift(turn, e.centre_um, axes) for e in good.values()])
+    if np.max(np.linalg.norm(turned / level0, axis=1)) < MOVES_NO_PIXEL:
+        return None  # no turn to speak of: the median is right
+    offset = np.mean(good_um - turned, axis=0)
+    misfit_px = float(
+        np.max(np.linalg.norm((good_um - turned - offset) / level0, axis=1))
+    )
+    if misfit_px > 1.0:
+        return None
+    well = RigidTransform(angle, middle, dict(zip(axes, map(float, offset))))
+    return well, (
+        f"the shift of its centre under the well's motion fitted to the good "
+        f"ROIs (rotation {angle:.2f}° and a translation, within "
+        f"{misfit_px:.1f} px of each)"
+    )
+
+
+def _centre_shift(
+    motion: RigidTransform, centre_um: dict[str, float], axes: Sequence[str]
+) -> np.ndarray:
+    """Displacement of a ROI centre (y, x) under ``motion``, per axis of ``axes``."""
+    moved = motion.about(centre_um).translation
+    return np.array([moved.get(a, 0.0) for a in axes])
 
 
 def roi_sizes(rois: Iterable[Roi]) -> dict[str, dict[str, float]]:
