@@ -132,7 +132,8 @@ QUALITY_COLUMNS = {
     "y, clockwise on screen",
     "measured_rotation_deg": "the rotation measured on this ROI, whatever the "
     "model (under `rigid`: the rotation undone plus what is measured left "
-    "after it; NaN: too small or too little structure to measure)",
+    "after it; NaN: too small, too little structure, or content that does "
+    "not fix a rotation, such as a rim or a ring about the centre)",
     "rotation_uncertainty_deg": "one standard deviation of the measured rotation",
     "residual_px": "the largest displacement (level-0 px, at the ROI's "
     "corners) that the measured rotation leaves after the stored transform; "

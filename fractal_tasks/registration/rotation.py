@@ -6,7 +6,11 @@ blocks on a grid across the ROI are matched by phase correlation. What is left
 of a rotation shows as block displacements that grow with the distance from the
 centre, perpendicular to it; a least-squares fit of a small rotation plus a
 translation to them corrects the estimate, until the correction vanishes. The
-blocks also give the angle's uncertainty, from the scatter of their fit.
+blocks also give the angle's uncertainty, from the scatter of their fit. A
+last look turns the moving image further by a known angle: content that fixes
+the rotation sees that turn; blocks on a rim or a ring about the centre, whose
+matches stay with their windows, do not (nor, by much, very smooth content),
+and their angle is left unmeasured.
 
 A 3D ROI is measured on its z-mean projection (the rotation is about z).
 """
@@ -47,6 +51,10 @@ _ITERATIONS = 5
 _CONVERGED_DEG = 1e-3  # degrees: a smaller correction ends the iterations
 _WINDOW_STEPS = 3  # sub-pixel estimates, each with the window moved along
 _PHASE_BAND = 0.125  # cycles/px: the phase fit's frequencies
+# a known turn (px at the corners, of the pixels measured) that the blocks
+# must see at least this share of; the first values tried, not tuned
+_TURN_AWAY_PX = 2.0
+_MIN_TURN_SEEN = 0.5
 
 MAX_ROTATION_DEG = 5.0
 """Largest rotation (degrees) measured reliably: blocks of a ROI turned
@@ -311,8 +319,9 @@ def estimate_rotation(
 
     Returns:
         The angle, its uncertainty and the centre's shift with it; the angle
-        is NaN for a ROI too small for 4x4 blocks of 32 px or without
-        enough structure.
+        is NaN for a ROI too small for 4x4 blocks of 32 px, without
+        enough structure, or whose content does not fix a rotation (its
+        blocks do not see a known turn: a rim or a ring about the centre).
     """
     shift = tuple(float(s) for s in shift)
     ref, mov = np.asarray(reference), np.asarray(moving)
@@ -336,18 +345,50 @@ def estimate_rotation(
     start = (*shift[:-2], *(v / factor for v in shift[-2:]))
     # a first look on blocks side by side; where it sees a rotation, or is
     # unsure, the full search on half-overlapping blocks
-    found = _iterate(ref, mov, start, size, overlap=1, iterations=1)
+    overlap = 1
+    found = _iterate(ref, mov, start, size, overlap=overlap, iterations=1)
     radius = math.hypot(*(n / 2 for n in ref.shape))
     if (
         found is None
         or found.significant
         or chord(radius, found.uncertainty_deg) > _SPARSE_ENOUGH_PX
     ):
-        found = _iterate(ref, mov, start, size, overlap=2, iterations=_ITERATIONS)
+        overlap = 2
+        found = _iterate(ref, mov, start, size, overlap=overlap, iterations=_ITERATIONS)
     if found is None:
+        return unmeasured
+    if not _sees_a_turn(ref, mov, found, size, overlap, radius):
         return unmeasured
     moved = (*shift[:-2], *(v * factor for v in found.shift[-2:]))
     return replace(found, shift=moved)
+
+
+def _sees_a_turn(
+    ref: np.ndarray,
+    mov: np.ndarray,
+    found: RotationEstimate,
+    size: int,
+    overlap: int,
+    radius: float,
+) -> bool:
+    """Whether the blocks see a known turn away from ``found``'s angle.
+
+    The moving image is turned further by as much as moves the ROI's
+    corners ``_TURN_AWAY_PX``, and the blocks are matched once more: where
+    their content fixes the rotation, they see that turn. Blocks on an edge
+    that runs around the centre (a rim, a ring) fix the shift only across
+    it, so their matches stay with their windows: they see little of any
+    turn, and their angle (and its scatter) says nothing about the sample.
+    Smooth content whose fine frequencies are mostly noise (blobs of 20 px
+    at the level read) sees a fraction of a turn per look, so that the
+    iterations stop short of its angle; it is caught the same way.
+    False when they see less than ``_MIN_TURN_SEEN`` of it, or are too few.
+    """
+    turn = math.copysign(math.degrees(_TURN_AWAY_PX / radius), found.angle_deg)
+    away = found.angle_deg + turn
+    yx = np.array(found.shift[-2:])
+    seen = _from_blocks(ref, warp(mov, away, yx), size, away, yx, 2, overlap)
+    return seen is not None and (away - seen[0]) / turn >= _MIN_TURN_SEEN
 
 
 def _binned(image: np.ndarray, factor: int) -> np.ndarray:
