@@ -14,7 +14,9 @@ often the angle was not measured, how often Calculate would mark the crop
 every rule, and one SD of its angle moves the corners by at most 0.5
 level-0 px) and how often such an ``ok`` leaves a gap above 0.5 px. A crop
 of 270x320 px stands for a 1080x1280 FOV read at level 2, so the gap is
-given in level-0 px (4 crop px each) at the corners of the FOV.
+given in level-0 px (4 crop px each) at the corners of the FOV. Images whose
+planes are too small for it (the 3D volumes) get the largest square crop that
+fits, down to 128 px (a FOV 4x its side at level 2).
 
 Nothing here chose a constant of the estimator: the held-out set never did,
 and the calibration set was not used for rotation either (the rotation's
@@ -59,23 +61,43 @@ from fractal_tasks.registration.shift import (  # noqa: E402
 
 ANGLES = (0.0, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 CROP = (270, 320)  # a 1080x1280 FOV at level 2
+MIN_CROP = 128  # px: 4 blocks of 32 along each axis, the smallest measured
+MARGIN = 30  # px kept clear of the image's border on each side
 LEVEL0_PX = 4  # level-0 px per crop px
 DRAWS = 3  # places and shifts per image and angle
 
 
-def _pair(image: np.ndarray, angle: float, shift: np.ndarray, at: np.ndarray):
+def crop_for(plane_shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """``CROP``, or for planes too small for it the largest square that fits.
+
+    None when not even ``MIN_CROP`` fits (with ``MARGIN`` on every side).
+    """
+    room = np.array(plane_shape) - 2 * MARGIN
+    if np.all(room > CROP):
+        return CROP
+    side = int(min(min(CROP), room.min() - 1))
+    return (side, side) if side >= MIN_CROP else None
+
+
+def _pair(
+    image: np.ndarray,
+    angle: float,
+    shift: np.ndarray,
+    at: np.ndarray,
+    crop: tuple[int, int],
+):
     """Reference crop at ``at`` and the crop a rotated, shifted cycle sees.
 
     Acquisition pixel p shows the sample at ``c + R (p - c) + shift``.
     """
-    centre = (np.array(CROP) - 1) / 2
+    centre = (np.array(crop) - 1) / 2
     matrix = RigidTransform(angle).matrix()
     reference = ndi.affine_transform(
-        image, np.eye(2), offset=at, output_shape=CROP, order=3
+        image, np.eye(2), offset=at, output_shape=crop, order=3
     )
     offset = at + centre - matrix @ centre + shift
     moving = ndi.affine_transform(
-        image, matrix, offset=offset, output_shape=CROP, order=3
+        image, matrix, offset=offset, output_shape=crop, order=3
     )
     return reference, moving
 
@@ -83,18 +105,18 @@ def _pair(image: np.ndarray, angle: float, shift: np.ndarray, at: np.ndarray):
 def _cases(img, angle: float, rng: np.random.Generator):
     """``DRAWS`` pairs of (reference, moving, true shift) for one image."""
     data = img.array
-    plane_shape = np.array(data.shape[-2:])
-    room = plane_shape - np.array(CROP) - 60
-    if np.any(room <= 0):
+    crop = crop_for(data.shape[-2:])
+    if crop is None:
         return
+    room = np.array(data.shape[-2:]) - np.array(crop) - 2 * MARGIN
     for _ in range(DRAWS):
-        at = 30 + rng.uniform(0, 1, 2) * room
+        at = MARGIN + rng.uniform(0, 1, 2) * room
         shift = rng.uniform(-6, 6, 2)
         cameras = [Camera(gain=rng.uniform(0.6, 1.4), offset=100.0) for _ in "ab"]
         if data.ndim == 2:
-            ref, mov = _pair(data, angle, shift, at)
+            ref, mov = _pair(data, angle, shift, at, crop)
         else:
-            pairs = [_pair(plane, angle, shift, at) for plane in data]
+            pairs = [_pair(plane, angle, shift, at, crop) for plane in data]
             ref = np.stack([p[0] for p in pairs])
             mov = np.stack([p[1] for p in pairs])
         yield (
@@ -110,7 +132,6 @@ def main() -> None:
     args = parser.parse_args()
     images = load_corpus(log=lambda _: None)
     rows: dict[tuple, list] = defaultdict(list)
-    radius = math.hypot(*(n / 2 for n in CROP))
     # the fresh images last: the others keep the seeds they had before them
     images = [im for im in images if not im.fresh] + [im for im in images if im.fresh]
     for i, img in enumerate(images):
@@ -118,6 +139,7 @@ def main() -> None:
         for angle in args.angles:
             rng = np.random.default_rng(1000 * i + int(angle * 100))
             for ref, mov, shift in _cases(img, angle, rng):
+                radius = math.hypot(*(n / 2 for n in ref.shape[-2:]))
                 started = time.perf_counter()
                 first = estimate_shift(ref, mov, level0_px=LEVEL0_PX)
                 rotation = estimate_rotation(ref, mov, first.shift)
