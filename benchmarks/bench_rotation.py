@@ -2,7 +2,8 @@
 """Rotation between cycles: accuracy, verdicts and cost, translation vs rigid.
 
 For each angle, a synthetic plate (1 well, 2x2 FOVs of 1080x1280 px, the
-reference and one cycle rotated about the well's centre, subpixel shifts) is
+reference and one cycle rotated about the well's centre, subpixel shifts;
+``--z N``: N planes, and a shift of up to one plane) is
 registered at ``--level`` (default: Calculate's default ``level_path="2"``)
 with both models, in this process. Per model the table gives the worst error
 over the FOVs of the angle each measured and of the angle its stored
@@ -12,7 +13,7 @@ the stored transform and the truth (level-0 px; what Apply then leaves), the
 statuses, Calculate's ms per FOV and Apply's time for the rotated cycle.
 
 Run with the project venv:
-    .venv/bin/python benchmarks/bench_rotation.py [--angles 0 0.5 2]
+    .venv/bin/python benchmarks/bench_rotation.py [--angles 0 0.5 2] [--z 8]
 """
 
 from __future__ import annotations
@@ -40,13 +41,18 @@ from _workflow import calculate, consensus  # noqa: E402
 ANGLES = (0.0, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
-def _plate(path: Path, angle: float, fovs: tuple[int, int] = (2, 2)):
-    """The benchmark plate: 1 well, FOVs of 1080x1280 px, cycle 1 rotated."""
+def _plate(path: Path, angle: float, fovs: tuple[int, int] = (2, 2), n_z: int = 1):
+    """The benchmark plate: 1 well, FOVs of 1080x1280 px, cycle 1 rotated.
+
+    With ``n_z`` > 1, a 3D plate whose cycle 1 also moves by up to a plane.
+    """
     return build_synthetic_plate(
         path,
         n_acquisitions=2,
         fovs=fovs,
         fov_shape=(1080, 1280),
+        n_z=n_z,
+        max_shift_z=int(n_z > 1),
         levels=4,
         seed=5,
         rotation_deg=(0.0, angle),
@@ -138,6 +144,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--angles", type=float, nargs="*", default=ANGLES)
     parser.add_argument("--level", default="2", help="Calculate's level_path")
+    parser.add_argument("--z", type=int, default=1, help="z planes (3D if > 1)")
     parser.add_argument(
         "--memory",
         type=float,
@@ -158,7 +165,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for angle in args.angles:
-            template = _plate(Path(tmp, "t", "plate.zarr"), angle)
+            template = _plate(Path(tmp, "t", "plate.zarr"), angle, n_z=args.z)
             for model in ("translation", "rigid"):
                 copy = Path(tmp, model, "plate.zarr")
                 shutil.rmtree(copy.parent, ignore_errors=True)
@@ -179,7 +186,7 @@ def main() -> None:
         )
     print(
         f"\ncommand: .venv/bin/python benchmarks/bench_rotation.py --level "
-        f"{args.level} --angles {' '.join(f'{a:g}' for a in args.angles)}"
+        f"{args.level} --z {args.z} --angles " + " ".join(f"{a:g}" for a in args.angles)
     )
 
 

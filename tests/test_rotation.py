@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -301,6 +302,39 @@ def test_a_failed_roi_of_a_turned_well_moves_with_the_well():
         else:  # no turn: the median of the good ones, as ever
             assert (got["y"], got["x"]) == (pytest.approx(3.0), pytest.approx(-2.0))
             assert "the median of the good ROIs" in failed.note
+
+
+def test_a_small_turn_of_the_whole_well_is_judged_by_the_well_s_angle(caplog):
+    """Each FOV alone measures 0.04 ± 0.015°: not 3 SD from 0, so on its own
+    it would pass. The four agree, and their mean (± 0.0075°) is: the well
+    turned, and the translation model leaves the corners of these camera
+    frames more than a pixel away. Every FOV is ``rotated``; a single FOV
+    of its own (nothing to agree with) is not judged."""
+    sizes = {n: {"y": 702.0, "x": 832.0} for n in ("FOV_1", "FOV_2", "FOV_3", "FOV_4")}
+    level0 = {"y": 0.325, "x": 0.325}
+    estimates = {
+        name: replace(e, rotation=_rotation(0.04, 0.015))
+        for name, e in _turned_well(0.0, failed="").items()
+    }
+
+    def statuses(chosen: dict[str, RoiEstimate]) -> set[str]:
+        results = judge(
+            chosen,
+            {"y": 1.3, "x": 1.3},
+            level0,
+            {n: sizes[n] for n in chosen},
+            max_shift=None,
+            keep_zero_if_all_failed=False,
+            zarr_url="acquisition",
+        )
+        assert all(r.residual_px > 1.0 for r in results)
+        return {r.status for r in results}
+
+    with caplog.at_level(logging.WARNING):
+        assert statuses(estimates) == {"rotated"}
+    (warning,) = [r.getMessage() for r in caplog.records if "rotated" in r.getMessage()]
+    assert "4 ROI(s) of acquisition are rotated (0.04° to 0.04°)" in warning
+    assert statuses({"FOV_1": estimates["FOV_1"]}) == {"ok"}
 
 
 def test_a_rotated_plate_through_the_three_tasks(rotated_plate):

@@ -818,7 +818,7 @@ def judge(
                 residual_px=residual,
             )
         )
-    _warn_rotated(results, zarr_url)
+    _warn_rotated(results, zarr_url, {n: angle for n, (angle, *_) in seen.items()})
     return results
 
 
@@ -871,13 +871,21 @@ def _rotations_seen(
 ) -> dict[str, tuple[float, str, bool]]:
     """Under the translation model, the rotation each ROI is judged by.
 
-    Per ROI ``(angle, how it was chosen, judged)``: its own angle where it
-    is reliable (judged when at least 3 times its uncertainty); otherwise,
-    where reliable good ROIs measured one, the angle of the well (see
-    :func:`rigid_angles`): a ROI whose own measurement is weak turned with
-    the others all the same. Else its own angle, not judged.
+    Per ROI ``(angle, how it was chosen, judged)``. Where the reliable good
+    ROIs agree on one angle for the well and it is at least 3 times its
+    uncertainty (that of their weighted mean), every ROI is judged by it:
+    the well turned as one piece, and the mean sees a small turn that each
+    ROI alone may not tell from noise. Otherwise its own angle where it is
+    reliable (judged when at least 3 times its uncertainty); else, where
+    reliable good ROIs measured one, the angle :func:`rigid_angles` gives
+    it: a ROI whose own measurement is weak turned with the others all the
+    same. Else its own angle, not judged.
     """
     reliable = reliable_rois(rotations, sizes_um, pixel_um)
+    well = well_angle(rotations, reliable & good)
+    if well is not None and abs(well[0]) >= 3 * well[1]:
+        label = f"{_one_angle(well[2])}, ± {well[1]:.3f}°"
+        return {name: (well[0], label, True) for name in rotations}
     angles, how = rigid_angles(rotations, reliable & good)
     out = {}
     for name, rotation in rotations.items():
@@ -916,31 +924,58 @@ def rigid_angles(
     measured = {n: r for n, r in rotations.items() if n in good and r.measured}
     if not measured:
         return {n: 0.0 for n in rotations}, {n: NONE_MEASURED for n in rotations}
-    angle = np.array([r.angle_deg for r in measured.values()])
-    sigma = np.array([max(r.uncertainty_deg, 1e-6) for r in measured.values()])
-    weight = sigma**-2
-    mean = float(np.sum(weight * angle) / np.sum(weight))
-    agree = np.abs(angle - mean) <= np.maximum(WELL_ANGLE_AGREEMENT_DEG, 3 * sigma)
-    if len(measured) > 1 and bool(np.all(agree)):
-        label = f"one angle for the well, from {len(measured)} ROIs"
-        return {n: mean for n in rotations}, {n: label for n in rotations}
-    median = float(np.median(angle))
+    well = well_angle(rotations, good)
+    if well is not None:
+        label = _one_angle(well[2])
+        return {n: well[0] for n in rotations}, {n: label for n in rotations}
+    median = float(np.median([r.angle_deg for r in measured.values()]))
     angles, how = {}, {}
     for name in rotations:
         if name in measured:
             angles[name], how[name] = measured[name].angle_deg, OWN_ANGLE
         else:
-            angles[name] = mean if len(measured) == 1 else median
-            how[name] = "the median of the good ROIs"
+            angles[name], how[name] = median, "the median of the good ROIs"
     return angles, how
 
 
-def _warn_rotated(results: Sequence[RoiRegistration], zarr_url: str) -> None:
-    """One warning for all the ROIs of an image left ``rotated``."""
+def well_angle(
+    rotations: dict[str, RotationEstimate], good: set[str]
+) -> tuple[float, float, int] | None:
+    """One angle for the well, where the ROIs ``good`` measured agree on it.
+
+    Returns ``(mean, its standard deviation, ROIs)``: the mean weighted by
+    each angle's inverse variance, when there are at least two and every
+    one lies within ``WELL_ANGLE_AGREEMENT_DEG``, or 3 standard deviations,
+    of it. None otherwise.
+    """
+    measured = {n: r for n, r in rotations.items() if n in good and r.measured}
+    if len(measured) < 2:
+        return None
+    angle = np.array([r.angle_deg for r in measured.values()])
+    weight = np.array([max(r.uncertainty_deg, 1e-6) ** -2 for r in measured.values()])
+    mean = float(np.sum(weight * angle) / np.sum(weight))
+    sigma = np.sqrt(1 / weight)
+    agree = np.abs(angle - mean) <= np.maximum(WELL_ANGLE_AGREEMENT_DEG, 3 * sigma)
+    if not np.all(agree):
+        return None
+    return mean, float(np.sqrt(1 / np.sum(weight))), len(measured)
+
+
+def _one_angle(rois: int) -> str:
+    return f"one angle for the well, from {rois} ROIs"
+
+
+def _warn_rotated(
+    results: Sequence[RoiRegistration], zarr_url: str, judged: dict[str, float]
+) -> None:
+    """One warning for all the ROIs of an image left ``rotated``.
+
+    ``judged``: per ROI name, the angle it was judged by.
+    """
     rotated = [r for r in results if r.status is RegistrationStatus.ROTATED]
     if not rotated:
         return
-    angles = [r.roi_estimate.rotation.angle_deg for r in rotated]
+    angles = [judged[r.name] for r in rotated]
     logger.warning(
         "%d ROI(s) of %s are rotated (%.2f° to %.2f°): the translation model "
         "leaves their corners up to %.1f px away (%s). Their translations are "

@@ -68,7 +68,8 @@ ROTATION_RESIDUAL = Rule(
     "this far (level-0 px) from where they belong at its corners: register it "
     'with `transform="rigid"`',
     "1 px, the accuracy users expect of a registration; the rule only "
-    "applies when the angle is at least 3 times its uncertainty",
+    "applies when the angle is at least 3 times its uncertainty (the well's "
+    "one angle where the ROIs' reliable angles agree, else the ROI's own)",
 )
 
 
